@@ -1,0 +1,44 @@
+"""The `ettin` command: one entry point, one module per subcommand.
+
+Each subcommand lives in the module that owns its logic and exposes `main(argv)`; the module defines its own
+absl flags at import time, so only the flags of the chosen subcommand exist in a process.
+"""
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "train": ("ettin_jax.train", "train a model (any size, objective, phase) from a config"),
+    "export": ("ettin_jax.hf", "write a workdir's model as a Hugging Face folder"),
+    "import": ("ettin_jax.hf", "read a Hugging Face folder into a workdir that training continues from"),
+    "fill-mask": ("ettin_jax.inference", "top-k fills of a [MASK] token"),
+    "generate": ("ettin_jax.inference", "continue a prompt with a decoder (KV cache)"),
+    "tokenizer": ("ettin_jax.tokenizer", "train a tokenizer: `ettin tokenizer train --input=... --out=...`"),
+    "batches": ("ettin_jax.data.provenance", "print which documents formed a step's batch"),
+    "bench": ("ettin_jax.bench", "time the train step and the inference forward"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ettin SUBCOMMAND [--flags]", "", "subcommands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`ettin SUBCOMMAND --help` lists a subcommand's flags."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if len(argv) >= 2 else 2
+    name = argv[1]
+    if name not in SUBCOMMANDS:
+        print(f"ettin: unknown subcommand {name!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    # The module sees `ettin-SUBCOMMAND` as its program name and its own flags after it.
+    return module.main([f"ettin {name}"] + argv[2:], subcommand=name) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
