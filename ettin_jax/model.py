@@ -1,0 +1,326 @@
+"""The Ettin model: ModernBERT in Flax, one parameter pytree for encoder and decoder.
+
+    tokens -> tok_embeddings -> LayerNorm -> [Block x L] -> final LayerNorm -> hidden      (`Ettin.__call__`)
+    Block:  x = x + Wo(attention(RoPE(Wqkv(LN(x)))))   (no LN before attention in layer 0)
+            x = x + Wo(GELU(Wi_in(LN(x))) * Wi_gate(LN(x)))
+    hidden -> dense -> GELU -> LayerNorm -> tok_embeddings^T + bias -> logits               (`Ettin.predict`)
+
+Whether the stack is an encoder or a decoder is decided by the `mask` argument (`attention.BIDIRECTIONAL` or
+`attention.CAUSAL`) and nothing else. Layer i is global iff i % 3 == 0; the others attend within a sliding window
+and use their own RoPE theta. Packed rows carry `segment_ids` (1.. per document, 0 = padding) and per-document
+`positions`: the segment ids reach the attention mask, the positions reach RoPE.
+
+Parameters are a plain nested dict (`model.init(...)['params']`, unboxed), named after the Hugging Face modules
+so that `ettin_jax.hf` is a table of renames and transposes. Parameters and activations carry logical axis names
+(`vocab`, `embed`, `heads`, `mlp`, `batch`, `length`) that `ettin_jax.sharding` maps onto mesh axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ettin_jax import attention as attn_lib
+
+Array = jax.Array
+
+GLOBAL, LOCAL = "full_attention", "sliding_attention"  # Hugging Face's layer type names
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyperparameters (the fields of a ModernBERT config.json, under our names)."""
+
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_layers: int = 22
+    num_heads: int = 12
+    global_every: int = 3
+    layer_types: tuple[str, ...] = ()  # empty: derived from global_every (layer i global iff i % n == 0)
+    local_window: int = 64  # encoder local layers see keys within +-64 (HF local_attention = 128)
+    decoder_window: Optional[int] = None  # keys a causal local layer sees; None: HF ModernBertDecoder (64)
+    global_rope_theta: float = 10_000.0
+    local_rope_theta: float = 10_000.0
+    max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention_dropout: float = 0.0  # dropout after attention's Wo (Ettin pretraining: 0.1)
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see attention.self_attention)
+    attention_block: int = 64
+    remat: str = "none"  # none | full | dots (jax.checkpoint policy per block)
+    pad_token_id: int = 50283
+    cls_token_id: int = 50281
+    sep_token_id: int = 50282
+    mask_token_id: int = 50284
+    unk_token_id: int = 50280
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        types = self.layer_types or tuple(
+            GLOBAL if i % self.global_every == 0 else LOCAL for i in range(self.num_layers))
+        if len(types) != self.num_layers or set(types) - {GLOBAL, LOCAL}:
+            raise ValueError(
+                f"layer_types must be {self.num_layers} entries of {GLOBAL!r}/{LOCAL!r}, got {types}")
+        object.__setattr__(self, "layer_types", tuple(types))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def band(self, mask: attn_lib.Mask, layer: int) -> attn_lib.Band:
+        return mask.band(local=self.layer_types[layer] == LOCAL, local_window=self.local_window,
+                         decoder_window=self.decoder_window)
+
+    def replace(self, **kw) -> "ModelConfig":
+        if "layer_types" not in kw and ("num_layers" in kw or "global_every" in kw):
+            kw["layer_types"] = ()
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}")
+        if "layer_types" in d:
+            d["layer_types"] = tuple(d["layer_types"] or ())
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _init(std: float, names: tuple):
+    return nn.with_logical_partitioning(jax.nn.initializers.truncated_normal(std), names)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float):
+    """cos, sin [B, T, head_dim] for the rotate-half (NeoX) layout, in fp32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, H, D]; rotate-half RoPE computed in fp32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Scale-only LayerNorm (no bias), statistics in fp32."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + self.eps) * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """Bias-free projection whose kernel is [in, out] with logical axis names."""
+
+    features: int
+    std: float
+    names: tuple
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init(self.std, self.names), (x.shape[-1], self.features), jnp.float32)
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, band, deterministic, cache=None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        b, t, _ = x.shape
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        qkv = Dense(3 * cfg.hidden_size, cfg.init_std, ("embed", "qkv"), dtype, name="Wqkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "heads", "head_dim"))
+        if cache is None:
+            o = attn_lib.self_attention(q, k, v, segment_ids=segment_ids, band=band,
+                                        impl=cfg.attention_impl, block=cfg.attention_block)
+            new_cache = None
+        else:  # incremental decoding: write this step's keys/values at `index`, attend over the cache
+            index = cache["index"]
+            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
+            s = ck.shape[1]
+            q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+            k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
+            o = attn_lib.reference_attention(q, ck.astype(dtype), cv.astype(dtype), q_seg=segment_ids,
+                                             k_seg=cseg, band=band, q_idx=q_idx, k_idx=k_idx)
+            new_cache = dict(k=ck, v=cv, segment_ids=cseg, index=index)
+        o = Dense(cfg.hidden_size, out_std, ("heads", "embed"), dtype, name="Wo")(o.reshape(b, t, -1))
+        o = nn.Dropout(cfg.attention_dropout)(o, deterministic=deterministic)
+        return o, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = Dense(2 * cfg.intermediate_size, cfg.init_std, ("embed", "mlp"), dtype, name="Wi")(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        inp, gate = jnp.split(h, 2, axis=-1)
+        h = jax.nn.gelu(inp, approximate=False) * gate
+        return Dense(cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"), dtype,
+                     name="Wo")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; layer 0 has no attention LayerNorm (the embedding norm precedes it)."""
+
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, band, deterministic, cache=None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = x if self.layer == 0 else LayerNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
+        a, new_cache = Attention(cfg, self.layer, name="attn")(h, cos, sin, segment_ids, band, deterministic, cache)
+        x = x + a
+        x = x + MLP(cfg, name="mlp")(LayerNorm(cfg.norm_eps, dtype, name="mlp_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Ettin(nn.Module):
+    """ModernBERT backbone + prediction head. `mask` selects encoder or decoder."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        self.tok_embeddings = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="tok_embeddings")
+        self.embed_norm = LayerNorm(cfg.norm_eps, dtype, name="embed_norm")
+        block = Block
+        if cfg.remat != "none":
+            if cfg.remat not in _REMAT_POLICIES:
+                raise ValueError(f"unknown remat policy {cfg.remat!r}; expected none, {', '.join(_REMAT_POLICIES)}")
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
+        self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = LayerNorm(cfg.norm_eps, dtype, name="final_norm")
+        self.head_dense = Dense(cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers), ("embed", "embed_out"),
+                                dtype, name="head_dense")
+        self.head_norm = LayerNorm(cfg.norm_eps, dtype, name="head_norm")
+        self.decoder_bias = self.param(
+            "decoder_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+            jnp.float32)
+
+    def __call__(self, tokens, *, mask, segment_ids=None, positions=None, deterministic=True, cache=None):
+        """Backbone: tokens [B, T] -> final-normed hidden states [B, T, H].
+
+        mask: `attention.BIDIRECTIONAL` (encoder) or `attention.CAUSAL` (decoder), or their names.
+        segment_ids: [B, T], 1.. per packed document, 0 = padding (default: all 1).
+        positions: [B, T] RoPE positions, restarting per document (default: 0..T-1, or from the cache index).
+        cache: for incremental decoding, the dict from `init_cache`; then returns (hidden, new_cache).
+        """
+        cfg = self.config
+        mask = attn_lib.get_mask(mask)
+        b, t = tokens.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self.embed_norm(self.tok_embeddings(tokens))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        tables = {GLOBAL: rope_tables(positions, cfg.head_dim, cfg.global_rope_theta),
+                  LOCAL: rope_tables(positions, cfg.head_dim, cfg.local_rope_theta)}
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            cos, sin = tables[cfg.layer_types[i]]
+            layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"])
+            x, c = layer(x, cos, sin, segment_ids, cfg.band(mask, i), deterministic, layer_cache)
+            if c is not None:
+                c.pop("index")
+                new_layers.append(c)
+        x = self.final_norm(x)
+        if cache is None:
+            return x
+        return x, dict(layers=new_layers, index=cache["index"] + t)
+
+    def head(self, hidden):
+        """The prediction head before the decoder: dense -> GELU -> LayerNorm."""
+        return self.head_norm(jax.nn.gelu(self.head_dense(hidden), approximate=False))
+
+    def decode(self, features):
+        """Tied decoder: features @ tok_embeddings^T + bias, logits in fp32."""
+        logits = self.tok_embeddings.attend(features.astype(self.tok_embeddings.dtype))
+        return logits.astype(jnp.float32) + self.decoder_bias
+
+    def predict(self, hidden):
+        """hidden [..., H] -> logits [..., V] (fp32)."""
+        return self.decode(self.head(hidden))
+
+    def init_all(self, tokens):
+        """Touches every parameter (used by `init_params`)."""
+        return self.predict(self(tokens, mask=attn_lib.BIDIRECTIONAL))
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache for `max_len` tokens (segment id -1 marks slots not written yet)."""
+    shape = (batch, max_len, config.num_heads, config.head_dim)
+    layer = lambda: dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                         segment_ids=jnp.full((batch, max_len), -1, jnp.int32))
+    return dict(layers=[layer() for _ in range(config.num_layers)], index=jnp.zeros((), jnp.int32))
+
+
+def init_params(config: ModelConfig, rng) -> dict:
+    """Fresh parameters: a plain nested dict of float32 arrays."""
+    boxed = Ettin(config).init(rng, jnp.zeros((1, 8), jnp.int32), method=Ettin.init_all)
+    return nn.meta.unbox(boxed)["params"]
+
+
+def abstract_params(config: ModelConfig):
+    """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating anything."""
+    boxed = jax.eval_shape(
+        functools.partial(Ettin(config).init, method=Ettin.init_all), jax.random.key(0),
+        jnp.zeros((1, 8), jnp.int32))
+    return nn.meta.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
