@@ -290,9 +290,11 @@ def train_tokenizer(inputs: list[str], vocab_size: int, kind: str, out_dir: str)
         "special_tokens": SPECIAL_TOKENS,
         "special_ids": ids,
         "trained_on": {"inputs": list(inputs), **stats.as_dict()},
-        "library": {"tokenizers": tokenizers.__version__} if kind == "bpe" else
-                   {"tokenizers": tokenizers.__version__, "sentencepiece": __import__("sentencepiece").__version__},
+        "library": {"tokenizers": tokenizers.__version__},
     }
+    if kind == "sentencepiece":
+        import sentencepiece
+        metadata["library"]["sentencepiece"] = sentencepiece.__version__
     with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
         f.write("\n")
