@@ -11,6 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from etils import epath
 
+from ettin_jax.data import sources as sources_lib
+
 
 class ReplayReader:
     """Random access to the sequences of each step of a data-order Parquet folder tree."""
@@ -19,7 +21,7 @@ class ReplayReader:
         files = []
         for p in paths:
             ep = epath.Path(p)
-            files += sorted(str(f) for f in ep.glob("**/*.parquet")) if ep.is_dir() else [str(p)]
+            files += [f for f in sources_lib.walk_files(p) if f.endswith(".parquet")] if ep.is_dir() else [str(p)]
         if not files:
             raise ValueError(f"replay: no .parquet files under {paths}")
         self.files, self.ranges = [], []

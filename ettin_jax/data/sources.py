@@ -102,7 +102,7 @@ class JsonlSource(Source):
     def __init__(self, name, paths, text_field="text", id_field="id", stats=None):
         self.name, self.text_field, self.id_field = name, text_field, id_field
         self.files, self.starts, self.ends, self.cumulative = [], [], [], [0]
-        for p in _expand_files(paths, (".jsonl", ".json", ".jsonl.gz")):
+        for p in _expand_files(paths, (".jsonl", ".json")):
             data = _map_file(p)
             newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
             starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
@@ -241,7 +241,7 @@ class MdsSource(Source):
             if (root / "index.json").exists():
                 folders.append(root)
             else:
-                folders += sorted(f.parent for f in root.glob("**/index.json"))
+                folders += sorted({epath.Path(os.path.dirname(f)) for f in walk_files(p) if f.endswith("/index.json")})
         if not folders:
             raise ValueError(f"source {name!r}: no index.json under {paths}")
         self.reader = mds.MdsReader(folders)
@@ -269,12 +269,24 @@ def _map_file(path):
     return p.read_bytes()
 
 
+def walk_files(root) -> list:
+    """Every file under `root`, recursively, sorted (epath's glob refuses `**` on some filesystems)."""
+    out, todo = [], [epath.Path(root)]
+    while todo:
+        for child in todo.pop().iterdir():
+            if child.is_dir():
+                todo.append(child)
+            else:
+                out.append(str(child))
+    return sorted(out)
+
+
 def _expand_files(paths, suffixes):
     files = []
     for p in paths:
         ep = epath.Path(p)
         if ep.is_dir():
-            found = sorted(str(f) for f in ep.glob("**/*") if f.is_file())
+            found = walk_files(p)
             if suffixes:
                 found = [f for f in found if f.endswith(suffixes)]
             files += found

@@ -1,0 +1,256 @@
+"""Tests of ettin_jax.data's pipeline: determinism, resume, host sharding, packing, masking, provenance."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ettin_jax.data as data
+from test_data_util import (REPO, ByteTokenizer, assert_batches_equal, synthetic_config, synthetic_corpus, take)
+
+TOK = ByteTokenizer()
+
+
+def _pipe(tmp_path, *, seq_len=256, batch=8, seed=0, mlm_rate=0.3, shard_index=0, shard_count=1, **cfg_over):
+    paths = synthetic_corpus(tmp_path)
+    cfg = synthetic_config(paths, **cfg_over)
+    return data.make_pipeline(cfg, seq_len=seq_len, global_batch_size=batch, seed=seed, mlm_rate=mlm_rate,
+                              shard_index=shard_index, shard_count=shard_count, tokenizer=TOK)
+
+
+def test_batch_format(tmp_path):
+    pipe = _pipe(tmp_path, seq_len=128, batch=4, mlm_rate=0.3)
+    b = next(pipe.iterator())
+    p = int(np.ceil(0.3 * 128))
+    assert b["step"] == 0
+    for k in ("tokens", "segment_ids", "positions", "mlm_inputs"):
+        assert b[k].shape == (4, 128) and b[k].dtype == np.int32, k
+    for k in ("mlm_positions", "mlm_labels"):
+        assert b[k].shape == (4, p) and b[k].dtype == np.int32, k
+    assert b["mlm_weights"].shape == (4, p) and b["mlm_weights"].dtype == np.float32
+    assert (b["tokens"][b["segment_ids"] == 0] == TOK.pad_id).all()
+    rec = b["provenance"]
+    assert len(rec["rows"]) == 4 and len(rec["hash"]) == 16
+    src, doc_id, start, end = rec["rows"][0]["pieces"][0]
+    assert src in ("src0", "src1") and end > start >= 0
+    no_mlm = _pipe(tmp_path, seq_len=128, batch=4, mlm_rate=0.0)
+    assert set(k for k in next(no_mlm.iterator()) if k.startswith("mlm")) == set()
+
+
+def test_same_seed_same_batches_and_other_seed_differs(tmp_path):
+    a = take(_pipe(tmp_path, seed=1).iterator(), 4)
+    b = take(_pipe(tmp_path, seed=1).iterator(), 4)
+    assert_batches_equal(a, b)
+    c = take(_pipe(tmp_path, seed=2).iterator(), 1)
+    assert not np.array_equal(a[0]["tokens"], c[0]["tokens"])
+
+
+def test_encoder_and_decoder_get_identical_batches(tmp_path):
+    enc = take(_pipe(tmp_path, mlm_rate=0.3).iterator(), 3)
+    dec = take(_pipe(tmp_path, mlm_rate=0.0).iterator(), 3)
+    for e, d in zip(enc, dec):
+        for k in ("tokens", "segment_ids", "positions"):
+            np.testing.assert_array_equal(e[k], d[k])
+        assert e["provenance"] == d["provenance"]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_state_saved_at_step_k_restores_the_same_following_batches(tmp_path, k):
+    pipe = _pipe(tmp_path)
+    full = take(pipe.iterator(), k + 4)
+    it = pipe.iterator()
+    take(it, k)
+    state = json.loads(json.dumps(it.get_state()))  # must survive JSON
+    fresh = _pipe(tmp_path).iterator()
+    fresh.set_state(state)
+    assert_batches_equal(take(fresh, 4), full[k:])
+
+
+def test_start_step_without_state_matches(tmp_path):
+    pipe = _pipe(tmp_path)
+    full = take(pipe.iterator(), 5)
+    assert_batches_equal(take(pipe.iterator(start_step=3), 2), full[3:])
+
+
+@pytest.mark.parametrize("hosts", [4, 8])
+def test_hosts_concatenate_to_the_single_host_batch(tmp_path, hosts):
+    single = take(_pipe(tmp_path, batch=8).iterator(), 3)
+    parts = [take(_pipe(tmp_path, batch=8, shard_index=i, shard_count=hosts).iterator(), 3) for i in range(hosts)]
+    for step in range(3):
+        for k in ("tokens", "segment_ids", "positions", "mlm_inputs", "mlm_positions", "mlm_labels", "mlm_weights"):
+            np.testing.assert_array_equal(np.concatenate([p[step][k] for p in parts]), single[step][k], err_msg=k)
+        rows = [r for p in parts for r in p[step]["provenance"]["rows"]]
+        assert rows == single[step]["provenance"]["rows"]
+        assert data.batch_hash([r["hash"] for r in rows]) == single[step]["provenance"]["hash"]
+
+
+def test_worker_count_does_not_change_batches(tmp_path):
+    a = take(_pipe(tmp_path, num_workers=0).iterator(), 4)
+    it = _pipe(tmp_path, num_workers=2).iterator()
+    b = take(it, 2)
+    state = it.get_state()  # the prefetching iterator's state is that of the last batch handed out
+    b += take(it, 2)
+    assert_batches_equal(a, b)
+    again = _pipe(tmp_path, num_workers=2).iterator()
+    again.set_state(state)
+    assert_batches_equal(take(again, 2), a[2:])
+
+
+def test_packing_segments_and_positions(tmp_path):
+    pipe = _pipe(tmp_path, seq_len=256, batch=8, mlm_rate=0.0)
+    for b in take(pipe.iterator(), 6):
+        for row_tokens, seg, pos, rec in zip(b["tokens"], b["segment_ids"], b["positions"], b["provenance"]["rows"]):
+            n = int(seg.max())
+            assert n == len(rec["pieces"])
+            real = seg > 0
+            # Real tokens first, then padding; segment ids 1..n, contiguous and increasing.
+            assert not real[np.argmin(real):].any() if not real.all() else True
+            ids = seg[real]
+            assert ids[0] == 1 and (np.diff(ids) >= 0).all() and (np.diff(ids) <= 1).all()
+            for j in range(1, n + 1):
+                where = np.flatnonzero(seg == j)
+                assert (np.diff(where) == 1).all()  # one segment per document, never split
+                np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+                assert row_tokens[where[0]] == TOK.cls_id and row_tokens[where[-1]] == TOK.sep_id
+                assert 32 <= len(where) <= 256
+                src, doc_id, a, e = rec["pieces"][j - 1]
+                assert len(where) == e - a + 2
+            assert (pos[~real] == 0).all()
+
+
+def test_no_packing_mode_one_chunk_per_row(tmp_path):
+    pipe = _pipe(tmp_path, seq_len=256, mlm_rate=0.0, packing=False)
+    for b in take(pipe.iterator(), 3):
+        assert (b["segment_ids"].max(axis=1) == 1).all()
+
+
+def test_mlm_masking_statistics_and_specials(tmp_path):
+    pipe = _pipe(tmp_path, seq_len=512, batch=16, mlm_rate=0.3)
+    it = pipe.iterator()
+    n_mask = n_rand = n_keep = 0
+    while n_mask + n_rand + n_keep < 100_000:
+        b = next(it)
+        for i in range(16):
+            w = b["mlm_weights"][i] > 0
+            pos, lab = b["mlm_positions"][i][w], b["mlm_labels"][i][w]
+            elig = (b["segment_ids"][i] > 0) & ~np.isin(b["tokens"][i], [0, 1, 2, 3, 4])
+            assert w.sum() == round(0.3 * elig.sum())  # exactly k per row
+            assert elig[pos].all()  # never a special token or padding
+            assert len(np.unique(pos)) == len(pos)
+            np.testing.assert_array_equal(lab, b["tokens"][i][pos])
+            new = b["mlm_inputs"][i][pos]
+            n_mask += int((new == TOK.mask_id).sum())
+            changed = (new != TOK.mask_id) & (new != lab)
+            n_rand += int(changed.sum())
+            n_keep += int((new == lab).sum())
+            assert not np.isin(new[new != TOK.mask_id], [0, 1, 2, 3]).any()
+            untouched = np.ones(512, bool)
+            untouched[pos] = False
+            np.testing.assert_array_equal(b["mlm_inputs"][i][untouched], b["tokens"][i][untouched])
+            assert (b["mlm_positions"][i][~w] == 0).all() and (b["mlm_labels"][i][~w] == 0).all()
+    total = n_mask + n_rand + n_keep
+    # A random replacement equal to the original (1 in 256 here) counts as "kept".
+    assert abs(n_mask / total - 0.8) < 0.01
+    assert abs(n_rand / total - 0.1 * 255 / 256) < 0.01
+    assert abs(n_keep / total - (0.1 + 0.1 / 256)) < 0.01
+
+
+def test_mask_is_a_function_of_seed_step_row():
+    from ettin_jax.data import masking
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 200, size=(4, 64)).astype(np.int32)
+    seg = np.ones_like(tokens)
+    kw = dict(rate=0.25, seed=3, special_ids=[0, 1, 2, 3, 4], mask_id=4, vocab_size=200)
+    whole = masking.mlm_mask(tokens, seg, step=7, first_row=0, **kw)
+    part = masking.mlm_mask(tokens[2:], seg[2:], step=7, first_row=2, **kw)
+    for k in whole:
+        np.testing.assert_array_equal(whole[k][2:], part[k])
+    other = masking.mlm_mask(tokens, seg, step=8, first_row=0, **kw)
+    assert not np.array_equal(whole["mlm_positions"], other["mlm_positions"])
+
+
+def test_provenance_writer_resume_without_duplicates_and_cli(tmp_path):
+    pipe = _pipe(tmp_path, batch=4)
+    workdir = tmp_path / "run"
+    writer = data.ProvenanceWriter(workdir, steps_per_file=3)
+    batches = take(pipe.iterator(), 6)
+    for b in batches:
+        writer.write(b)
+    # A resumed run restarts from step 2: steps 2.. are rewritten, not duplicated.
+    writer = data.ProvenanceWriter(workdir, steps_per_file=3)
+    for b in take(pipe.iterator(start_step=2), 4):
+        writer.write(b)
+    lines = [json.loads(line) for f in sorted((workdir / "provenance").rglob("*.jsonl")) for line in open(f)]
+    assert [r["step"] for r in lines] == list(range(6))
+    from ettin_jax.data import provenance
+    rec = provenance.read_step(workdir, 4, steps_per_file=3)
+    assert rec["hash"] == batches[4]["provenance"]["hash"]
+    out = subprocess.run([sys.executable, "-m", "ettin_jax.cli", "batches", f"--workdir={workdir}", "--step=0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert batches[0]["provenance"]["hash"] in out.stdout
+    assert batches[0]["provenance"]["rows"][0]["pieces"][0][1] in out.stdout
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+    pipe = _pipe(tmp_path)
+    expected = take(pipe.iterator(), 5)
+    it = pipe.iterator()
+    take(it, 2)
+    mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter",))
+    mngr.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    restored = _pipe(tmp_path).iterator()
+    mngr.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored)))
+    assert_batches_equal(take(restored, 3), expected[2:])
+
+
+def test_state_from_another_config_or_shard_is_refused(tmp_path):
+    it = _pipe(tmp_path).iterator()
+    next(it)
+    state = it.get_state()
+    with pytest.raises(ValueError, match="different data config"):
+        _pipe(tmp_path, seed=5).iterator().set_state(state)
+    with pytest.raises(ValueError, match="start_step"):
+        _pipe(tmp_path, shard_index=1, shard_count=2).iterator().set_state(state)
+
+
+# -- the bundled corpus and the project tokenizer ------------------------------------------------------------------
+
+def _default_pipe(**kw):
+    pytest.importorskip("ettin_jax.tokenizer")
+    if not os.path.exists(os.path.join(REPO, "data", "tokenizer")):
+        pytest.skip("data/tokenizer not built")
+    return data.make_pipeline(data.default_data_config(), **kw)
+
+
+def test_default_corpus_packing_efficiency_at_1024():
+    pipe = _default_pipe(seq_len=1024, global_batch_size=16, seed=0, mlm_rate=0.3)
+    take(pipe.iterator(), 8)
+    stats = pipe.stats()
+    assert stats["packing_efficiency"] >= 0.98, stats
+    assert stats["skipped"] == 0 and stats["documents_used"] > 0
+
+
+def test_default_config_paths_work_from_another_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipe = _default_pipe(seq_len=128, global_batch_size=2, seed=0, mlm_rate=0.0)
+    assert next(pipe.iterator())["tokens"].shape == (2, 128)
+
+
+@pytest.mark.slow
+def test_default_corpus_hosts_and_resume():
+    kw = dict(seq_len=1024, global_batch_size=16, seed=21, mlm_rate=0.3)
+    full = take(_default_pipe(**kw).iterator(), 6)
+    parts = [take(_default_pipe(shard_index=i, shard_count=4, **kw).iterator(), 6) for i in range(4)]
+    for s in range(6):
+        np.testing.assert_array_equal(np.concatenate([p[s]["mlm_inputs"] for p in parts]), full[s]["mlm_inputs"])
+    it = _default_pipe(**kw).iterator()
+    take(it, 3)
+    again = _default_pipe(**kw).iterator()
+    again.set_state(it.get_state())
+    assert_batches_equal(take(again, 3), full[3:])
