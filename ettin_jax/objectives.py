@@ -1,0 +1,117 @@
+"""Training objectives: MLM (encoder), CLM (decoder) and MNTP (encoder trained from a decoder).
+
+Each objective is a mask (what the model may see) plus a choice of which hidden states predict which labels;
+all of them end in the same chunked cross-entropy over the tied 50k-way decoder:
+
+    mlm:  bidirectional; hidden at each masked position predicts the original token there   (sparse prediction)
+    mntp: bidirectional; hidden at position p-1 predicts the original token at masked position p  (LLM2Vec-style)
+    clm:  causal; hidden at t predicts token t+1 when both are in the same document, never padding
+
+The MLM corruption itself (80% [MASK], 10% random, 10% kept) is made by the data pipeline as a pure function of
+(seed, step, row) (`ettin_jax.data`), so encoder and decoder read the very same batches: a batch carries `tokens`,
+`segment_ids`, `positions` and, for masked objectives, `mlm_inputs`, `mlm_positions`, `mlm_labels`, `mlm_weights`.
+
+Only the predicting positions pass through the head and decoder, and they do so in chunks of `chunk` rows under
+`jax.checkpoint`, so a [tokens, vocab] fp32 logit array never exists at once, forward or backward.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ettin_jax import attention as attn_lib
+from ettin_jax.model import Ettin
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    mask: attn_lib.Mask
+    masked_inputs: bool  # reads mlm_inputs (corrupted) rather than tokens
+
+
+OBJECTIVES = {
+    "mlm": Objective("mlm", attn_lib.BIDIRECTIONAL, True),
+    "mntp": Objective("mntp", attn_lib.BIDIRECTIONAL, True),
+    "clm": Objective("clm", attn_lib.CAUSAL, False),
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def chunked_cross_entropy(predict: Callable, hidden, labels, weights, chunk: int = 1024):
+    """Sum of weighted CE and of weighted correct predictions over N rows, `chunk` rows of logits at a time.
+
+    predict: hidden [C, H] -> logits [C, V] (fp32). hidden [N, H], labels [N], weights [N].
+    Returns (loss_sum, correct_sum, weight_sum), all fp32 scalars.
+    """
+    n, h = hidden.shape
+    chunk = min(chunk, n)
+    pad = (-n) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+        labels = jnp.pad(labels, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    xs = (hidden.reshape(-1, chunk, h), labels.reshape(-1, chunk), weights.reshape(-1, chunk).astype(jnp.float32))
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of keeping them
+    def one(x, y, w):
+        logits = predict(x).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+        return jnp.sum(w * (lse - picked)), jnp.sum(w * correct)
+
+    def body(carry, x):
+        loss, correct = one(*x)
+        return (carry[0] + loss, carry[1] + correct), None
+
+    if xs[0].shape[0] == 1:
+        loss, correct = one(xs[0][0], xs[1][0], xs[2][0])
+    else:
+        (loss, correct), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), xs)
+    return loss, correct, jnp.sum(weights.astype(jnp.float32))
+
+
+def prediction_targets(objective: Objective, batch):
+    """(gather index [B, P], labels [B, P], weights [B, P]) of the positions that predict."""
+    if objective.name == "clm":
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        next_seg = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+        weights = ((seg == next_seg) & (seg > 0)).astype(jnp.float32)
+        index = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return index, labels, weights
+    positions = batch["mlm_positions"]
+    if objective.name == "mntp":
+        positions = jnp.maximum(positions - 1, 0)  # masked tokens are never a document's first ([CLS]) token
+    return positions, batch["mlm_labels"], batch["mlm_weights"]
+
+
+def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=None, chunk: int = 1024):
+    """Mean CE over the predicting positions of `batch`, plus metrics (loss, accuracy, counts)."""
+    inputs = batch["mlm_inputs"] if objective.masked_inputs else batch["tokens"]
+    deterministic = dropout_rng is None
+    hidden = model.apply({"params": params}, inputs, mask=objective.mask, segment_ids=batch["segment_ids"],
+                         positions=batch["positions"], deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": dropout_rng})
+    index, labels, weights = prediction_targets(objective, batch)
+    if "row_weights" in batch:  # batch-size warmup: rows beyond the current batch size do not count
+        weights = weights * batch["row_weights"][:, None]
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, H]
+    h = picked.shape[-1]
+    predict = lambda x: model.apply({"params": params}, x, method=Ettin.predict)
+    loss_sum, correct, count = chunked_cross_entropy(
+        predict, picked.reshape(-1, h), labels.reshape(-1), weights.reshape(-1), chunk)
+    denom = jnp.maximum(count, 1.0)
+    loss = loss_sum / denom
+    metrics = dict(loss=loss, accuracy=correct / denom, predictions=count,
+                   tokens=jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)))
+    return loss, metrics

@@ -1,0 +1,151 @@
+"""The model: sizes, one pytree for encoder and decoder, packing isolation, attention paths."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ettin_jax import attention, model, sizes
+
+
+@pytest.mark.parametrize("size", list(sizes.REFERENCE_PARAM_COUNTS))
+def test_parameter_counts_match_reference(size):
+    params, specs = model.abstract_params(sizes.model_config(size))  # shapes only: the 1b costs no memory
+    backbone_ref, total_ref = sizes.REFERENCE_PARAM_COUNTS[size]
+    head = sum(model.count_params(params[k]) for k in ("head_dense", "head_norm", "decoder_bias"))
+    assert model.count_params(params) == total_ref
+    assert model.count_params(params) - head == backbone_ref
+    assert "attn_norm" not in params["layers_0"] and "attn_norm" in params["layers_1"]
+    assert specs["tok_embeddings"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+def _tiny(**kw):
+    cfg = sizes.model_config("tiny", vocab_size=256, **kw)
+    return cfg, model.init_params(cfg, jax.random.key(0))
+
+
+def _apply(cfg):
+    """Jitted model.apply (eager Flax dispatches op by op and compiles each one)."""
+    return jax.jit(model.Ettin(cfg).apply, static_argnames=("mask",))
+
+
+def test_same_pytree_runs_as_encoder_and_decoder():
+    cfg, params = _tiny()
+    m = model.Ettin(cfg)
+    m.apply = _apply(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 5, 256)
+    enc = m.apply({"params": params}, tokens, mask=attention.BIDIRECTIONAL)
+    dec = m.apply({"params": params}, tokens, mask=attention.CAUSAL)
+    assert enc.shape == dec.shape == (2, 40, cfg.hidden_size)
+    # The decoder's position t ignores the future; the encoder's does not.
+    changed = tokens.at[:, 30:].set(7)
+    dec2 = m.apply({"params": params}, changed, mask=attention.CAUSAL)
+    enc2 = m.apply({"params": params}, changed, mask=attention.BIDIRECTIONAL)
+    np.testing.assert_allclose(dec[:, :30], dec2[:, :30], atol=1e-6)
+    assert np.abs(enc[:, :30] - enc2[:, :30]).max() > 1e-3
+    # Layer 0 sees the whole document in both (the decoder's first token sees only itself).
+    assert np.abs(enc[:, 0] - dec[:, 0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("mask", [attention.BIDIRECTIONAL, attention.CAUSAL])
+@pytest.mark.parametrize("impl", ["xla", pytest.param("blocked", marks=pytest.mark.slow)])
+def test_packed_documents_do_not_see_each_other(mask, impl):
+    cfg, params = _tiny(attention_impl=impl, attention_block=16, local_window=8)
+    m = model.Ettin(cfg)
+    m.apply = _apply(cfg)
+    a = jax.random.randint(jax.random.key(2), (1, 37), 5, 256)
+    b = jax.random.randint(jax.random.key(3), (1, 50), 5, 256)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 13), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 37 + [2] * 50 + [0] * 13])
+    pos = jnp.array([list(range(37)) + list(range(50)) + [0] * 13])
+    out = m.apply({"params": params}, packed, mask=mask, segment_ids=seg, positions=pos)
+    alone_a = m.apply({"params": params}, a, mask=mask)
+    alone_b = m.apply({"params": params}, b, mask=mask)
+    np.testing.assert_allclose(out[:, :37], alone_a, atol=2e-5)
+    np.testing.assert_allclose(out[:, 37:87], alone_b, atol=2e-5)
+
+
+def test_windows_follow_reference_and_hf_semantics():
+    cfg = sizes.model_config("17m")
+    assert cfg.layer_types[0] == cfg.layer_types[3] == cfg.layer_types[6] == model.GLOBAL
+    assert cfg.layer_types[1] == model.LOCAL
+    assert cfg.band(attention.BIDIRECTIONAL, 1) == (64, 64)  # +-64: 129 keys
+    assert cfg.band(attention.CAUSAL, 1) == (63, 0)  # HF ModernBertDecoder: 64 keys incl. itself
+    assert cfg.replace(decoder_window=65).band(attention.CAUSAL, 1) == (64, 0)  # Ettin training: 65 keys
+    assert cfg.band(attention.CAUSAL, 0) == (None, 0)
+    assert cfg.band(attention.BIDIRECTIONAL, 0) == (None, None)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="hidden_size 100 is not divisible by num_heads 3"):
+        model.ModelConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="unknown model size '2b'"):
+        sizes.model_config("2b")
+    with pytest.raises(ValueError, match="unknown attention mask"):
+        attention.get_mask("sideways")
+
+
+def _qkv(key, b, t, h=2, d=8):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return (jax.random.normal(k1, (b, t, h, d)), jax.random.normal(k2, (b, t, h, d)),
+            jax.random.normal(k3, (b, t, h, d)))
+
+
+SEGMENTS = {
+    "one": lambda t: np.ones((2, t), np.int32),
+    "padded": lambda t: np.stack([np.r_[np.ones(t - 23), np.zeros(23)], np.ones(t)]).astype(np.int32),
+    "packed": lambda t: np.stack([np.r_[np.full(40, 1), np.full(t - 50, 2), np.zeros(10)],
+                                  np.r_[np.full(7, 1), np.full(60, 2), np.full(t - 67, 3)]]).astype(np.int32),
+}
+
+
+@pytest.mark.parametrize("band", [(16, 16), (15, 0), (16, 0), (8, 8), (16, 3)])
+@pytest.mark.parametrize("layout", list(SEGMENTS))
+@pytest.mark.parametrize("t", [100, pytest.param(128, marks=pytest.mark.slow)])
+def test_blocked_attention_equals_reference(band, layout, t):
+    q, k, v = _qkv(jax.random.key(t), 2, t)
+    seg = jnp.asarray(SEGMENTS[layout](t))
+    ref = jax.jit(attention.reference_attention, static_argnames="band")(q, k, v, q_seg=seg, k_seg=seg, band=band)
+    got = jax.jit(attention.blocked_attention, static_argnames=("band", "block"))(
+        q, k, v, segment_ids=seg, band=band, block=16)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_self_attention_dispatch():
+    q, k, v = _qkv(jax.random.key(0), 2, 100)
+    seg = jnp.asarray(SEGMENTS["packed"](100))
+    for band in [(None, None), (None, 0), (16, 16), (15, 0)]:
+        ref = attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=band)
+        for impl in ["auto", "xla", "blocked"]:
+            got = attention.self_attention(q, k, v, segment_ids=seg, band=band, impl=impl, block=16)
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        attention.self_attention(q, k, v, segment_ids=seg, band=(None, None), impl="flash3")
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    cfg, params = _tiny(local_window=4)
+    m = model.Ettin(cfg)
+    m.apply = _apply(cfg)
+    tokens = jax.random.randint(jax.random.key(4), (1, 24), 5, 256)
+    full = m.apply({"params": params}, tokens, mask=attention.CAUSAL)
+    cache = model.init_cache(cfg, 1, 32)
+    h, cache = m.apply({"params": params}, tokens[:, :10], mask=attention.CAUSAL, cache=cache)
+    steps = [h]
+    for t in range(10, 24):
+        h, cache = m.apply({"params": params}, tokens[:, t:t + 1], mask=attention.CAUSAL, cache=cache)
+        steps.append(h)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_remat_and_bf16_run():
+    cfg, params = _tiny(remat="full", dtype="bfloat16")
+    m = model.Ettin(cfg)
+    tokens = jnp.ones((1, 16), jnp.int32)
+
+    def f(p):
+        return m.apply({"params": p}, tokens, mask=attention.CAUSAL).astype(jnp.float32).sum()
+
+    g = jax.jit(jax.grad(f))(params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(g))
+    assert np.isfinite(sum(float(jnp.abs(x).sum()) for x in jax.tree_util.tree_leaves(g)))
