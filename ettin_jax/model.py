@@ -12,7 +12,8 @@ and use their own RoPE theta. Packed rows carry `segment_ids` (1.. per document,
 
 Parameters are a plain nested dict (`model.init(...)['params']`, unboxed), named after the Hugging Face modules
 so that `ettin_jax.hf` is a table of renames and transposes. Parameters and activations carry logical axis names
-(`vocab`, `embed`, `heads`, `mlp`, `batch`, `length`) that `ettin_jax.sharding` maps onto mesh axes.
+(parameters: `vocab`, `embed`, `qkv`, `heads`, `mlp`; activations: `act_batch`, `act_length`, `act_embed`,
+`act_heads`, `act_mlp`) that `ettin_jax.sharding` maps onto mesh axes.
 """
 from __future__ import annotations
 
@@ -163,8 +164,8 @@ class Attention(nn.Module):
         qkv = Dense(3 * cfg.hidden_size, cfg.init_std, ("embed", "qkv"), dtype, name="Wqkv")(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim), 3, axis=2)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "heads", "head_dim"))
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             o = attn_lib.self_attention(q, k, v, segment_ids=segment_ids, band=band,
                                         impl=cfg.attention_impl, block=cfg.attention_block)
@@ -193,7 +194,7 @@ class MLP(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         h = Dense(2 * cfg.intermediate_size, cfg.init_std, ("embed", "mlp"), dtype, name="Wi")(x)
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
         inp, gate = jnp.split(h, 2, axis=-1)
         h = jax.nn.gelu(inp, approximate=False) * gate
         return Dense(cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"), dtype,
@@ -214,7 +215,7 @@ class Block(nn.Module):
         a, new_cache = Attention(cfg, self.layer, name="attn")(h, cos, sin, segment_ids, band, deterministic, cache)
         x = x + a
         x = x + MLP(cfg, name="mlp")(LayerNorm(cfg.norm_eps, dtype, name="mlp_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), new_cache
 
 
 _REMAT_POLICIES = {
@@ -266,7 +267,7 @@ class Ettin(nn.Module):
             start = 0 if cache is None else cache["index"]
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed_norm(self.tok_embeddings(tokens))
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         tables = {GLOBAL: rope_tables(positions, cfg.head_dim, cfg.global_rope_theta),
                   LOCAL: rope_tables(positions, cfg.head_dim, cfg.local_rope_theta)}
         new_layers = []
@@ -308,10 +309,17 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32)
     return dict(layers=[layer() for _ in range(config.num_layers)], index=jnp.zeros((), jnp.int32))
 
 
+def _unbox(boxed):
+    """Strips the logical-axis boxes (without applying constraints: shardings are given explicitly by the caller)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x, boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def init_params(config: ModelConfig, rng) -> dict:
     """Fresh parameters: a plain nested dict of float32 arrays."""
     boxed = Ettin(config).init(rng, jnp.zeros((1, 8), jnp.int32), method=Ettin.init_all)
-    return nn.meta.unbox(boxed)["params"]
+    return _unbox(boxed)["params"]
 
 
 def abstract_params(config: ModelConfig):
@@ -319,7 +327,7 @@ def abstract_params(config: ModelConfig):
     boxed = jax.eval_shape(
         functools.partial(Ettin(config).init, method=Ettin.init_all), jax.random.key(0),
         jnp.zeros((1, 8), jnp.int32))
-    return nn.meta.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+    return _unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
 
 
 def count_params(tree) -> int:

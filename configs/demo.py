@@ -1,0 +1,27 @@
+"""The embedded default: a small Ettin pair (encoder + decoder on the very same batches) on the bundled corpus.
+
+    ettin train --config=configs/demo.py --workdir=runs/demo
+
+Trains a 4-layer, 128-wide ModernBERT as an MLM encoder and a CLM decoder for 120 steps of 16 x 256 tokens with
+the bundled 8192-token BPE: about 4 minutes on 2 CPU cores, both losses falling from ~9 to ~5-6.
+Overrides: `--config.total_steps=50`, `--config.objective=mlm` (encoder only), ...
+"""
+from ettin_jax import recipe
+
+
+def get_config(arg=None):
+    c = recipe.ettin(size="tiny", objective="paired", phase="pretrain")
+    c.model.update(vocab_size=8192, dtype="float32", attention_dropout=0.0,
+                   num_layers=4, hidden_size=128, intermediate_size=256, num_heads=2)
+    c.data.special_ids = dict(unk=0, cls=1, sep=2, pad=3, mask=4)
+    c.global_batch_size, c.seq_len = 16, 256
+    c.total_steps = 120
+    c.total_tokens = float(c.total_steps * c.global_batch_size * c.seq_len)
+    c.optimizer.peak_lr, c.optimizer.weight_decay = 3e-3, 3e-4
+    c.schedule.update(name="warmup_stable_decay", warmup_tokens=15.0 * 16 * 256, decay_tokens=40.0 * 16 * 256,
+                      final_frac=0.02)
+    c.batch_size_warmup.tokens = 0.0
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 50
+    c.checkpoint_every_tokens = 0.0
+    return c

@@ -1,0 +1,88 @@
+"""The FLOPs a step needs, and the peak they are measured against (MFU).
+
+Counted per token of a packed row of length T (a multiply-add is 2 FLOPs; training is forward + backward = 3x
+forward):
+
+    projections   2 * (3H*H + H*H)                  Wqkv and Wo
+    MLP           2 * (H*2I + I*H)                  Wi (input and gate) and Wo
+    attention     2 * 2 * H * keys                  QK^T and PV; keys per query: global layers T (encoder) or
+                                                    (T+1)/2 on average (decoder); local layers min(T, 2w+1)
+                                                    (encoder) or the decoder window
+    head          2 * (H*H + H*V) per *predicted* token (all tokens for CLM, masked ones for MLM/MNTP)
+
+Only the FLOPs the model needs count: padding inside a window and recomputation (remat) do not.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+from ettin_jax.model import LOCAL, ModelConfig
+
+# Dense bf16 peak FLOP/s per chip.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool) -> float:
+    """Backbone forward FLOPs per token (no head)."""
+    h, i, t = cfg.hidden_size, cfg.intermediate_size, seq_len
+    total = 0.0
+    for kind in cfg.layer_types:
+        if kind == LOCAL:
+            if causal:
+                keys = min(t, cfg.decoder_window or cfg.local_window)
+            else:
+                keys = min(t, 2 * cfg.local_window + 1)
+        else:
+            keys = (t + 1) / 2 if causal else t
+        total += 2 * 4 * h * h + 2 * 3 * h * i + 4 * h * keys
+    return total
+
+
+def head_flops(cfg: ModelConfig) -> float:
+    return 2 * (cfg.hidden_size * cfg.hidden_size + cfg.hidden_size * cfg.vocab_size)
+
+
+def train_flops(cfg: ModelConfig, *, tokens: float, predictions: float, seq_len: int, causal: bool) -> float:
+    """FLOPs of one training step (forward + backward) over `tokens` tokens with `predictions` predictions."""
+    return 3 * (tokens * forward_flops_per_token(cfg, seq_len, causal=causal) + predictions * head_flops(cfg))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul FLOP/s of this machine's default device (the CPU's peak for MFU)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for the first device."""
+    import jax
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"{kind} bf16 dense table value"
+    if d.platform == "cpu":
+        return measured_matmul_peak(), "measured fp32 matmul peak of this CPU"
+    return float("nan"), f"unknown device kind {kind!r}"

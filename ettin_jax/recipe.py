@@ -1,0 +1,155 @@
+"""Ettin's training recipe as named config parts: size, phase and objective (reference section 3).
+
+`configs/ettin.py` composes `base() + size + phase + objective`; every number here is from
+`shared/reference/ettin.md` (the official YAMLs). Token counts are in non-pad tokens, as Ettin counts them.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from ettin_jax import sizes
+from ettin_jax.data import default_data_config
+
+OBJECTIVES = ("mlm", "clm", "mntp", "paired")
+PHASES = ("pretrain", "extension", "decay", "cross")
+
+# size: (peak LR, weight decay, LR warmup tokens, batch-size warmup tokens)
+SIZE_RECIPE = {
+    "17m": (3e-3, 3e-4, 4e9, 125e9),
+    "32m": (3e-3, 3e-4, 4e9, 100e9),
+    "68m": (3e-3, 3e-4, 3e9, 75e9),
+    "150m": (8e-4, 1e-5, 3e9, 50e9),
+    "400m": (5e-4, 1e-5, 2e9, 10e9),
+    "1b": (5e-4, 5e-5, 2e9, 3e9),
+    "tiny": (3e-3, 3e-4, 1e6, 0.0),
+}
+
+GLOBAL_BATCH = 4608
+LONG_CONTEXT = 7999
+
+
+def base() -> ml_collections.ConfigDict:
+    """Fields every run has (scripts may rely on seed, total_steps, global_batch_size, seq_len,
+    log_every_steps, checkpoint_every_steps and mesh.{data,fsdp,tensor})."""
+    c = ml_collections.ConfigDict()
+    c.seed = 21
+    c.size = "17m"
+    c.objective = "mlm"
+    c.phase = "pretrain"
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=50368, dtype="bfloat16", attention_dropout=0.1, global_rope_theta=10_000.0,
+        local_rope_theta=10_000.0, decoder_window=-1, attention_impl="auto", remat="none"))
+    c.model_overrides = ml_collections.ConfigDict(dict(encoder={}, decoder={}))  # per-architecture model fields
+    c.global_batch_size = GLOBAL_BATCH
+    c.micro_batch_size = 0  # > 0: accumulate gradients over global_batch_size / micro_batch_size micro-batches
+    c.seq_len = 1024
+    c.total_tokens = 0.0
+    c.total_steps = 0
+    c.mlm_rate = 0.3
+    c.optimizer = ml_collections.ConfigDict(dict(
+        peak_lr=3e-3, weight_decay=3e-4, b1=0.9, b2=0.98, eps=1e-6))
+    c.schedule = ml_collections.ConfigDict(dict(name="warmup_constant", warmup_tokens=4e9, decay_tokens=0.0,
+                                                start_frac=1.0, end_frac=1.0, final_frac=0.02))
+    c.batch_size_warmup = ml_collections.ConfigDict(dict(tokens=0.0, start=0))
+    c.init_from = ""  # workdir (or HF folder) of the previous phase
+    c.init_mode = "none"  # none | full (weights + optimizer, phases 2-3) | weights (cross-objective)
+    c.cross_objective = ml_collections.ConfigDict(dict(encoder_objective="mlm"))
+    c.data = default_data_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = ()
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.checkpoint_every_tokens = 8.5e9  # Ettin keeps a checkpoint every 8.5B tokens
+    c.keep_last = 3
+    c.nonfinite = "stop"  # stop | skip: what a NaN/inf loss does
+    c.ce_chunk = 4096
+    return c
+
+
+def apply_size(c, size: str):
+    if size not in SIZE_RECIPE:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZE_RECIPE)}")
+    sizes.model_config(size)  # validates the name against the architecture table
+    lr, wd, warmup, bs_warmup = SIZE_RECIPE[size]
+    c.size = size
+    c.optimizer.peak_lr, c.optimizer.weight_decay = lr, wd
+    c.schedule.warmup_tokens = warmup
+    c.batch_size_warmup.tokens = bs_warmup
+
+
+def apply_phase(c, phase: str):
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    big = c.size != "1b"
+    c.phase = phase
+    s = c.schedule
+    if phase == "pretrain":
+        c.total_tokens, c.seq_len, c.mlm_rate = 1.7e12, 1024, 0.3
+        s.name = "warmup_constant"
+        c.model.global_rope_theta = c.model.local_rope_theta = 10_000.0
+        c.init_mode = "none"
+        return
+    c.seq_len = LONG_CONTEXT
+    c.batch_size_warmup.tokens = 0.0  # phase 1 only
+    c.model.global_rope_theta = c.model.local_rope_theta = 160_000.0
+    if phase == "extension":
+        c.total_tokens, c.mlm_rate = (250e9 if big else 83.3e9), 0.3
+        s.name, s.start_frac, s.end_frac = "one_minus_sqrt", 1.0, 0.5
+        if c.size == "17m":
+            c.model.local_rope_theta = 10_000.0
+        c.init_mode = "full"
+    elif phase == "decay":
+        c.total_tokens, c.mlm_rate = (50e9 if big else 16.7e9), 0.15
+        s.name, s.start_frac, s.end_frac = "one_minus_sqrt", 0.5, 0.02
+        if c.size in ("17m", "32m", "68m", "400m"):  # the phase-3 decoders of these sizes kept local 10k
+            c.model_overrides.decoder = dict(local_rope_theta=10_000.0)
+        c.init_mode = "full"
+    else:  # cross-objective: weights only, fresh optimizer, phase-3 data, RoPE 160k/160k
+        c.total_tokens, c.mlm_rate = (50e9 if big else 16.7e9), 0.15
+        s.name, s.final_frac = "warmup_stable_decay", 0.02
+        s.warmup_tokens = 3e9 if big else 1e9
+        s.decay_tokens = 10e9 if big else 3.3e9
+        c.init_mode = "weights"
+
+
+def apply_objective(c, objective: str):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    c.objective = objective
+    if objective == "mntp":
+        c.cross_objective.encoder_objective = "mntp"
+
+
+def finalize(c):
+    """Derives total_steps from total_tokens where it is not set."""
+    if not c.total_steps:
+        c.total_steps = max(1, math.ceil(c.total_tokens / (c.global_batch_size * c.seq_len)))
+    return c
+
+
+def ettin(size: str = "17m", objective: str = "mlm", phase: str = "pretrain") -> ml_collections.ConfigDict:
+    c = base()
+    apply_size(c, size)
+    apply_objective(c, objective)
+    apply_phase(c, phase)
+    return finalize(c)
+
+
+def models_of(config) -> dict[str, str]:
+    """{architecture: objective} trained by a config: 'encoder' and/or 'decoder'."""
+    objective = config.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    enc = config.cross_objective.encoder_objective if config.phase == "cross" else "mlm"
+    if objective == "paired":
+        return {"encoder": enc, "decoder": "clm"}
+    if objective == "clm":
+        return {"decoder": "clm"}
+    return {"encoder": "mntp" if objective == "mntp" else enc}
+
+
+def cross_source(arch: str) -> str:
+    """Cross-objective training starts an architecture from the other one's weights."""
+    return {"encoder": "decoder", "decoder": "encoder"}[arch]

@@ -1,0 +1,567 @@
+"""`ettin train`: any Ettin phase, any size, MLM or CLM or both at once (paired), resumable.
+
+    ettin train --config=configs/ettin.py:size=150m,objective=mlm,phase=pretrain --workdir=DIR [--config.x=y ...]
+
+The state is `params` and `opt_state`, each a dict keyed by architecture ('encoder' and/or 'decoder'); a paired run
+trains both on the very same batch (one data pipeline, two parameter trees, one jitted step). The step is a pure
+function (params, opt_state, batch, tokens_seen) -> (params, opt_state, metrics); dropout keys are folded from
+(seed, step, architecture), and a step whose loss or gradient is not finite leaves the state untouched, so a NaN can
+never reach a checkpoint. The host loop only feeds batches, logs, and saves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ettin_jax import checkpoint as ckpt_lib
+from ettin_jax import flops as flops_lib
+from ettin_jax import objectives, optim, recipe, sharding, sizes
+from ettin_jax.model import Ettin, ModelConfig, abstract_params, init_params
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fields that may change between a run and its resumption without --allow_config_change.
+MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "checkpoint_every_tokens", "keep_last",
+                  "data.num_workers", "total_steps")
+
+
+class ConfigError(ValueError):
+    """A config that cannot train; raised before anything is compiled."""
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def model_configs(config, special_ids: Optional[dict] = None) -> dict[str, ModelConfig]:
+    """{architecture: ModelConfig} for the models a config trains."""
+    fields = dict(config.model)
+    window = fields.pop("decoder_window", -1)
+    fields["decoder_window"] = None if window is None or window < 0 else int(window)
+    if special_ids:
+        fields.update(pad_token_id=special_ids["pad"], cls_token_id=special_ids["cls"],
+                      sep_token_id=special_ids["sep"], mask_token_id=special_ids["mask"],
+                      unk_token_id=special_ids["unk"])
+    out = {}
+    for arch in recipe.models_of(config):
+        try:
+            out[arch] = sizes.model_config(config.size, **{**fields, **dict(config.model_overrides[arch])})
+        except TypeError as e:
+            raise ConfigError(f"config.model: {e}") from None
+    return out
+
+
+def validate_config(config):
+    """Everything that can be checked without data or devices."""
+    for name, valid in (("size", recipe.SIZE_RECIPE), ("objective", recipe.OBJECTIVES), ("phase", recipe.PHASES)):
+        if config[name] not in valid:
+            raise ConfigError(f"unknown {name} {config[name]!r}; expected one of {', '.join(valid)}")
+    try:
+        models = model_configs(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for arch, m in models.items():
+        if config.seq_len > m.max_position_embeddings:
+            raise ConfigError(f"seq_len {config.seq_len} is above max_position_embeddings "
+                              f"{m.max_position_embeddings} of the {arch}")
+    if config.total_steps <= 0:
+        raise ConfigError(f"total_steps is {config.total_steps}; set --config.total_steps or total_tokens")
+    if config.micro_batch_size and config.global_batch_size % config.micro_batch_size:
+        raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by micro_batch_size "
+                          f"{config.micro_batch_size}")
+    if config.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite is {config.nonfinite!r}; expected 'stop' or 'skip'")
+    if config.init_mode not in ("none", "full", "weights"):
+        raise ConfigError(f"init_mode is {config.init_mode!r}; expected none, full or weights")
+    if config.init_mode != "none" and not config.init_from:
+        raise ConfigError(f"phase {config.phase!r} starts from a previous run: set --config.init_from=WORKDIR "
+                          "(or an HF folder)")
+    recipe.models_of(config)
+    return models
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def check_resume_config(workdir: str, config, allow_change: bool):
+    """Refuses to resume a workdir whose run had a different config, naming the fields."""
+    saved = ckpt_lib.read_json(workdir, "config.json")
+    current = config_to_dict(config)
+    if saved is None:
+        ckpt_lib.write_json(workdir, "config.json", current)
+        return
+    a, b = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in MUTABLE_FIELDS)
+    if differ and not allow_change:
+        shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:8])
+        raise ConfigError(f"{workdir} holds a run with a different config ({shown}"
+                          f"{'; ...' if len(differ) > 8 else ''}); use another workdir, or pass "
+                          "--allow_config_change to resume it anyway")
+    ckpt_lib.write_json(workdir, "config.json", current)
+
+
+def make_optimizer(config):
+    o = config.optimizer
+    tx = optim.injectable_stable_adamw(max_learning_rate=o.peak_lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                                       weight_decay=o.weight_decay)
+    s = config.schedule
+    total = config.total_tokens or config.total_steps * config.global_batch_size * config.seq_len
+    if s.name == "warmup_constant":
+        schedule = optim.warmup_constant(o.peak_lr, s.warmup_tokens)
+    elif s.name == "one_minus_sqrt":
+        schedule = optim.one_minus_sqrt(o.peak_lr, total, s.start_frac, s.end_frac)
+    elif s.name == "warmup_stable_decay":
+        schedule = optim.warmup_stable_decay(o.peak_lr, s.warmup_tokens, total, s.decay_tokens, s.final_frac)
+    else:
+        schedule = optim.make_schedule(s.name)  # raises the clear error for an unknown name
+    return tx, schedule
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+
+def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
+    """The pure training step over every model the config trains."""
+    objs = recipe.models_of(config)
+    modules = {arch: Ettin(cfg) for arch, cfg in models.items()}
+    n_micro = (config.global_batch_size // config.micro_batch_size) if config.micro_batch_size else 1
+
+    def losses(params, batch, step):
+        total, metrics = 0.0, {}
+        for i, (arch, name) in enumerate(sorted(objs.items())):
+            obj = objectives.get_objective(name)
+            rng = None
+            if models[arch].attention_dropout > 0:
+                rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step), i)
+            loss, m = objectives.loss_fn(params[arch], batch, model=modules[arch], objective=obj,
+                                         dropout_rng=rng, chunk=config.ce_chunk)
+            total = total + loss
+            metrics.update({f"{arch}/{k}": v for k, v in m.items()})
+        return total, metrics
+
+    def grads_and_metrics(params, batch, step):
+        if n_micro == 1:
+            return jax.value_and_grad(losses, has_aux=True)(params, batch, step)
+        # Gradient accumulation: equal-size micro-batches, averaged (each loss is a per-micro-batch mean).
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
+
+        def body(acc, mb):
+            (loss, m), g = jax.value_and_grad(losses, has_aux=True)(params, mb, step)
+            return jax.tree_util.tree_map(jnp.add, acc, (loss, m, g)), None
+
+        zero = jax.eval_shape(lambda: jax.value_and_grad(losses, has_aux=True)(
+            params, jax.tree_util.tree_map(lambda x: x[0], micro), step))
+        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
+        (loss, m, g), _ = jax.lax.scan(body, zero, micro)
+        scale = lambda t: jax.tree_util.tree_map(lambda x: x / n_micro, t)
+        m = scale(m)
+        for arch in objs:  # counts add up rather than average
+            for k in ("predictions", "tokens"):
+                m[f"{arch}/{k}"] = m[f"{arch}/{k}"] * n_micro
+        return (loss / n_micro, m), scale(g)
+
+    def step_fn(params, opt_state, batch, step, tokens_seen):
+        (loss, metrics), grads = grads_and_metrics(params, batch, step)
+        lr = schedule(tokens_seen)
+        opt_state1 = optim.set_learning_rate(opt_state, lr)
+        updates, new_opt = tx.update(grads, opt_state1, params)
+        new_params = optax.apply_updates(params, updates)
+        gnorms = {arch: optax.global_norm(grads[arch]) for arch in grads}
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(g) for g in gnorms.values()]))
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        rms = optim.update_rms(new_opt)
+        metrics.update({f"{arch}/grad_norm": g for arch, g in gnorms.items()})
+        metrics.update({f"{arch}/update_rms": jnp.mean(jnp.stack(jax.tree_util.tree_leaves(rms[arch])))
+                        for arch in grads})
+        metrics.update(loss=loss, lr=lr, nonfinite=~finite)
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    return step_fn
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def init_state(models, config, mesh, tx, rules, log):
+    """Fresh (or phase-initialised) params and optimizer state, sharded on the mesh."""
+    params, shardings = {}, {}
+    for i, (arch, cfg) in enumerate(sorted(models.items())):
+        shapes, specs = abstract_params(cfg)
+        shardings[arch] = sharding.fit_shardings(sharding.param_shardings(specs, mesh, rules), shapes)
+        # Paired models start from different keys: they are two independent models trained on the same data.
+        key = jax.random.fold_in(jax.random.key(config.seed), i)
+        params[arch] = jax.jit(lambda k, cfg=cfg: init_params(cfg, k), out_shardings=shardings[arch])(key)
+    opt_state = None
+    if config.init_mode != "none":
+        params, opt_state = load_initial(config, models, params, tx, log)
+    if opt_state is None:
+        opt_state = jax.jit(tx.init)(params)
+    return params, opt_state
+
+
+def load_initial(config, models, fresh_params, tx, log):
+    """Phase continuation: weights (+ optimizer for init_mode=full) from `init_from`, onto fresh shardings."""
+    src = config.init_from
+    if os.path.exists(os.path.join(src, "config.json")) and not os.path.exists(os.path.join(src, "models.json")):
+        from ettin_jax import hf
+        hf_params, hf_cfg, hf_arch = hf.load_hf_folder(src)
+        source = {hf_arch: hf_params}
+        source_opt = None
+    else:
+        ck = ckpt_lib.Checkpoints(src, async_save=False)
+        step, restored = ck.restore_latest(log=log)
+        if restored is None:
+            ck.close()
+            raise ConfigError(f"init_from={src}: no readable checkpoint")
+        source = restored["params"]
+        source_opt = None
+        if config.init_mode == "full":
+            if "opt_state" not in [p.name for p in (
+                    __import__("pathlib").Path(ck.directory) / str(step)).iterdir()]:
+                ck.close()
+                raise ConfigError(f"init_from={src}: checkpoint {step} has no optimizer state (an import?); "
+                                  "use --config.init_mode=weights")
+            abstract_opt = jax.eval_shape(tx.init, fresh_params)
+            source_opt = ck.restore(step, opt_state=abstract_opt)["opt_state"]
+        ck.close()
+        log(f"initialising from {src} step {step} ({config.init_mode})")
+    params = {}
+    for arch in models:
+        from_arch = arch if arch in source else recipe.cross_source(arch)
+        if config.init_mode == "weights" and config.phase == "cross":
+            from_arch = recipe.cross_source(arch) if recipe.cross_source(arch) in source else arch
+        if from_arch not in source:
+            raise ConfigError(f"init_from={src} holds {sorted(source)}; nothing to start the {arch} from")
+        expected = fresh_params[arch]
+        got = source[from_arch]
+        bad = [jax.tree_util.keystr(p) for p, a, b in zip(
+            *zip(*jax.tree_util.tree_flatten_with_path(expected)[0]),
+            jax.tree_util.tree_leaves(got)) if a.shape != b.shape] if (
+            jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(got)) else ["(tree structure)"]
+        if bad:
+            raise ConfigError(f"init_from={src}: the {from_arch} does not fit the configured {arch} "
+                              f"(size {config.size}); first mismatch {bad[0]}")
+        params[arch] = jax.tree_util.tree_map(lambda x, ref: jax.device_put(jnp.asarray(x, ref.dtype), ref.sharding),
+                                              got, expected)
+        if from_arch != arch:
+            log(f"cross-objective: the {arch} starts from the {from_arch}'s weights")
+    opt_state = None
+    if source_opt is not None:
+        opt_state = source_opt
+    return params, opt_state
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) + TensorBoard event files."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):  # drop lines past the checkpoint we resume from (written, then lost)
+            with open(self.path) as f:
+                keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
+        self.tb = None
+        if jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except Exception:  # TensorBoard is a convenience; metrics.jsonl is the record
+                self.tb = None
+
+    def write(self, step: int, metrics: dict):
+        if jax.process_index() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def _row_weights(config, tokens_seen: int, rows: int, shard_index: int) -> Optional[np.ndarray]:
+    bw = config.batch_size_warmup
+    if not bw.tokens:
+        return None
+    n = int(optim.batch_size_warmup(float(tokens_seen), start=max(1, bw.start or 1),
+                                    end=config.global_batch_size, warmup_tokens=bw.tokens))
+    global_rows = shard_index * rows + np.arange(rows)
+    return (global_rows < n).astype(np.float32)
+
+
+def train(config, workdir: str, *, allow_config_change: bool = False, log=print) -> dict:
+    """Runs (or resumes) a training run in `workdir`; returns the last logged metrics."""
+    from ettin_jax import data as data_lib
+    from ettin_jax.tokenizer import check_compatible
+
+    models = validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    check_resume_config(workdir, config, allow_config_change)
+
+    # Mesh and shape checks come before the data or any compilation.
+    mesh = sharding.make_mesh(config.mesh)
+    for cfg in models.values():
+        sharding.validate(cfg, mesh, config.global_batch_size)
+    objs = recipe.models_of(config)
+    masked = any(objectives.get_objective(o).masked_inputs for o in objs.values())
+    pipe = data_lib.make_pipeline(config.data, seq_len=config.seq_len, global_batch_size=config.global_batch_size,
+                                  seed=config.seed, mlm_rate=config.mlm_rate if masked else 0.0,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+    tok = pipe.tokenizer
+    models = model_configs(config, tok.special_ids)
+    for arch, cfg in models.items():
+        check_compatible(tok, cfg.vocab_size, {k: getattr(cfg, f"{k}_token_id") for k in
+                                               ("pad", "cls", "sep", "mask", "unk")})
+    if jax.process_index() == 0:
+        ckpt_lib.save_models(workdir, models)
+        ckpt_lib.copy_tokenizer(tok.path, os.path.join(workdir))
+
+    rules = sharding.rules(config)
+    tx, schedule = make_optimizer(config)
+    tokens_per_step = config.global_batch_size * config.seq_len
+    keep_period = None
+    if config.checkpoint_every_tokens:
+        keep_period = max(1, round(config.checkpoint_every_tokens / tokens_per_step))
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep_last=config.keep_last, keep_period=keep_period)
+
+    with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
+        params, opt_state = None, None
+        start_step, tokens_seen = 0, 0
+        data_iter = pipe.iterator(0)
+        if checkpoints.steps():
+            # Resume: fresh state only for its shapes and shardings, then everything from the workdir.
+            fresh_params, fresh_opt = init_state(models, _no_init(config), mesh, tx, rules, log)
+            step, restored = checkpoints.restore_latest(log=log, params=_abstract(fresh_params),
+                                                        opt_state=_abstract(fresh_opt))
+            if restored is None:
+                log("no readable checkpoint; starting from scratch")
+            else:
+                params, opt_state = restored["params"], restored["opt_state"]
+                start_step, tokens_seen = step, int(restored["meta"]["tokens"])
+                try:
+                    checkpoints.restore(step, params=_abstract(params), data_iter=data_iter)
+                except Exception as e:  # e.g. a different host count: replay the stream to this step instead
+                    log(f"data iterator state not restored ({str(e).splitlines()[0][:160]}); "
+                        f"replaying the data stream to step {step}")
+                    data_iter = pipe.iterator(step)
+                newest = checkpoints.steps()[-1]
+                note = "" if step == newest else f", the newest readable checkpoint (newest on disk: {newest})"
+                log(f"resumed from step {step} ({tokens_seen:,} tokens){note}")
+        if params is None:
+            params, opt_state = init_state(models, config, mesh, tx, rules, log)
+
+        step_fn = make_train_step(models, config, tx, schedule)
+        state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
+        batch_sh = sharding.batch_sharding(mesh)
+        jstep = jax.jit(step_fn, donate_argnums=(0, 1),
+                        in_shardings=(*state_shardings, batch_sh, None, None),
+                        out_shardings=(*state_shardings, None))
+
+        peak, peak_src = flops_lib.peak_flops_per_device()
+        n_devices = mesh.devices.size
+        writer = MetricsWriter(workdir, start_step)
+        from ettin_jax.data import ProvenanceWriter
+        provenance = ProvenanceWriter(workdir)
+        bar = _progress(config.total_steps, start_step)
+        log(f"training {', '.join(f'{a} ({o})' for a, o in sorted(objs.items()))} of size {config.size}, "
+            f"phase {config.phase}: steps {start_step}..{config.total_steps}, "
+            f"{config.global_batch_size} x {config.seq_len} tokens per step, mesh {dict(mesh.shape)}")
+
+        last_metrics, pending = {}, None
+        window = dict(t=time.perf_counter(), tokens=0, flops=0.0, steps=0)
+        stopped = None
+
+        def finish(pending_item):
+            nonlocal last_metrics, stopped
+            s, m_dev, ntok, nflops = pending_item
+            m = jax.device_get(m_dev)
+            window["tokens"] += ntok
+            window["flops"] += nflops
+            window["steps"] += 1
+            if bool(m["nonfinite"]):
+                msg = f"non-finite loss or gradient at step {s} (loss {float(m['loss'])})"
+                if config.nonfinite == "stop":
+                    stopped = msg
+                    return
+                log(msg + "; step skipped (nonfinite=skip), state unchanged")
+            if (s + 1) % config.log_every_steps == 0 or s + 1 == config.total_steps:
+                dt = time.perf_counter() - window["t"]
+                out = {k: float(v) for k, v in m.items() if k != "nonfinite"}
+                out.update(tokens_per_sec=window["tokens"] / dt, step_time=dt / window["steps"],
+                           mfu=window["flops"] / dt / (peak * n_devices), tokens_seen=tokens_seen)
+                writer.write(s + 1, out)
+                last_metrics = out
+                losses = "  ".join(f"{a} {out[f'{a}/loss']:.3f}" for a in sorted(objs))
+                line = (f"step {s + 1:>6}  {losses}  lr {out['lr']:.2e}  {out['tokens_per_sec']:,.0f} tok/s  "
+                        f"mfu {out['mfu']:.1%}")
+                bar.write(line) if bar else log(line)
+                window.update(t=time.perf_counter(), tokens=0, flops=0.0, steps=0)
+
+        with _Preemption() as preempt:
+            step = start_step
+            while step < config.total_steps:
+                batch = next(data_iter)
+                record = batch.pop("provenance", None)
+                batch.pop("step", None)
+                if record is not None:
+                    provenance.write(record)
+                rw = _row_weights(config, tokens_seen, batch["tokens"].shape[0], jax.process_index())
+                if rw is not None:
+                    batch["row_weights"] = rw
+                local_tokens = int(((batch["segment_ids"] > 0) * (1 if rw is None else rw[:, None])).sum())
+                ntok = local_tokens * jax.process_count()  # hosts hold equal shares of a packed global batch
+                nflops = 0.0
+                for arch, o in objs.items():
+                    cfg = models[arch]
+                    preds = ntok if o == "clm" else float(batch["mlm_weights"].sum()) * jax.process_count()
+                    nflops += flops_lib.train_flops(cfg, tokens=ntok, predictions=preds, seq_len=config.seq_len,
+                                                    causal=o == "clm")
+                gbatch = sharding.host_batch_to_global(batch, mesh)
+                params, opt_state, m = jstep(params, opt_state, gbatch, jnp.int32(step), jnp.float32(tokens_seen))
+                if pending is not None:
+                    finish(pending)
+                pending = (step, m, ntok, nflops)
+                tokens_seen += ntok
+                step += 1
+                if bar:
+                    bar.update(1)
+                if stopped:
+                    break
+                if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempt.signal:
+                    finish(pending)
+                    pending = None
+                    if stopped:
+                        break
+                    checkpoints.save(step, params=params, opt_state=opt_state, data_iter=data_iter,
+                                     meta=dict(step=step, tokens=tokens_seen, phase=config.phase))
+                if preempt.signal:
+                    checkpoints.wait()
+                    log(f"{preempt.signal}: saved step {step}; rerun the same command to resume")
+                    break
+            if pending is not None and not stopped:
+                finish(pending)
+        if bar:
+            bar.close()
+        checkpoints.close()
+        writer.close()
+        if stopped:
+            good = checkpoints.steps()
+            raise RuntimeError(f"{stopped}; stopped. The last good checkpoint is step "
+                               f"{good[-1] if good else 'none'} (untouched); set --config.nonfinite=skip to skip "
+                               "such steps instead")
+    stats = pipe.stats()
+    if jax.process_index() == 0:
+        ckpt_lib.write_json(workdir, "data_stats.json", stats)
+    return last_metrics
+
+
+def _no_init(config):
+    """The config with phase initialisation switched off (resume restores everything from the workdir)."""
+    c = config.copy_and_resolve_references()
+    c.init_mode = "none"
+    return c
+
+
+def _progress(total, start):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv, subcommand=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
+                                    "config file, with big_vision-style :args", lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and provenance go")
+    flags.DEFINE_bool("allow_config_change", False, "resume a workdir whose run had a different config")
+
+    def run(_):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
+        if not FLAGS.workdir:
+            print("ettin train: --workdir is required", file=sys.stderr)
+            return 2
+        try:
+            train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"ettin train: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            print(f"ettin train: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    try:
+        app.run(lambda a: sys.exit(run(a)), argv=argv)
+    except SystemExit as e:
+        return e.code
