@@ -306,3 +306,100 @@ def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
     # Checkpoints saved in bf16 (or with a "model." prefix-less layout) are normalised here.
     sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
     return from_hf_state_dict(sd, cfg, arch), cfg, arch
+
+
+# ------------------------------------------------------------------------------------------ workdir <-> HF
+
+
+def export_workdir(workdir: str, out: str, *, step: Optional[int] = None, which: Optional[str] = None,
+                   as_arch: Optional[str] = None) -> dict[str, str]:
+    """Writes a workdir's model(s) as HF folders; a paired workdir without `which` gives out/encoder, out/decoder.
+
+    as_arch exports a model as the other architecture (a cross-objective encoder-from-decoder is already an
+    'encoder' in its workdir; as_arch is for loading, say, a decoder's weights as ModernBertForMaskedLM).
+    Returns {arch: folder}.
+    """
+    from ettin_jax import checkpoint
+    models = checkpoint.load_models(workdir)
+    chosen = [which] if which else sorted(models)
+    if which and which not in models:
+        raise ConversionError(f"{workdir} holds {sorted(models)}, not {which!r}")
+    written = {}
+    for arch in chosen:
+        params, cfg, arch, tok = checkpoint.load_model_from_workdir(workdir, arch, step)
+        target = as_arch or arch
+        _check_arch(target)
+        folder = out if len(chosen) == 1 else os.path.join(out, arch)
+        save_hf_folder(params, cfg, target, folder, tok)
+        written[arch] = folder
+    return written
+
+
+def import_hf(hf_dir: str, workdir: str, *, as_arch: Optional[str] = None) -> str:
+    """Reads an HF folder into a new workdir (a step-0 checkpoint with no optimizer state) that training can
+    start from with --config.init_from=WORKDIR. Everything is validated and written to a temporary folder first."""
+    from ettin_jax import checkpoint
+    if os.path.exists(workdir) and os.listdir(workdir):
+        raise ConversionError(f"{workdir} exists and is not empty; import into a new workdir")
+    params, cfg, arch = load_hf_folder(hf_dir)
+    arch = as_arch or arch
+    _check_arch(arch)
+    tmp = workdir.rstrip("/") + ".import-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        checkpoint.save_models(tmp, {arch: cfg})
+        if any(os.path.exists(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for f in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(hf_dir, f)):
+                    shutil.copy(os.path.join(hf_dir, f), os.path.join(tmp, "tokenizer"))
+        ck = checkpoint.Checkpoints(tmp, async_save=False)
+        ck.save(0, params={arch: params}, meta=dict(step=0, tokens=0, imported_from=os.path.abspath(hf_dir)))
+        ck.close()
+        checkpoint.write_json(tmp, "imported.json", dict(source=os.path.abspath(hf_dir), arch=arch))
+        if os.path.exists(workdir):
+            os.rmdir(workdir)
+        os.rename(tmp, workdir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return workdir
+
+
+def main(argv, subcommand=None):
+    """`ettin export` and `ettin import`."""
+    import sys
+    from absl import flags
+
+    fv = flags.FlagValues()
+    if subcommand == "export":
+        flags.DEFINE_string("workdir", None, "training workdir to export", flag_values=fv)
+        flags.DEFINE_string("out", None, "output folder (a paired workdir gives OUT/encoder and OUT/decoder)",
+                            flag_values=fv)
+        flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+        flags.DEFINE_enum("which", None, ["encoder", "decoder"], "which model of a paired workdir", flag_values=fv)
+    else:
+        flags.DEFINE_string("hf", None, "Hugging Face folder (config.json + model.safetensors)", flag_values=fv)
+        flags.DEFINE_string("workdir", None, "new workdir to write", flag_values=fv)
+    flags.DEFINE_enum("as", None, ["encoder", "decoder"], "load/export as this architecture", flag_values=fv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    try:
+        if subcommand == "export":
+            if not fv.workdir or not fv.out:
+                raise ConversionError("--workdir and --out are required")
+            for arch, folder in export_workdir(fv.workdir, fv.out, step=fv.step, which=fv.which,
+                                               as_arch=fv["as"].value).items():
+                print(f"exported the {arch} to {folder}")
+        else:
+            if not fv.hf or not fv.workdir:
+                raise ConversionError("--hf and --workdir are required")
+            import_hf(fv.hf, fv.workdir, as_arch=fv["as"].value)
+            print(f"imported {fv.hf} into {fv.workdir}; continue training with "
+                  f"--config.init_from={fv.workdir} --config.init_mode=weights")
+    except (ConversionError, ValueError, FileNotFoundError) as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    return 0
