@@ -6,7 +6,8 @@ commands.
                    [--greedy | --temperature=T --top_p=P --seed=S] [--json]
 
 PATH is a Hugging Face folder (`ettin export`, or a released Ettin checkpoint) or a training workdir (a folder with
-`checkpoints/`, read by `ettin_jax.checkpoint.load_model_from_workdir`). With --json the last line printed is JSON:
+`checkpoints/`, read by `ettin_jax.checkpoint.load_model_from_workdir`; of a paired run's two models, fill-mask takes
+the encoder and generate the decoder unless --which says otherwise). With --json the last line printed is JSON:
 fill-mask a list of {token_id, token_str, score} (a list of such lists when the text holds several masks, as in
 transformers' fill-mask pipeline); generate {token_ids, text} (the new tokens only).
 
@@ -88,26 +89,31 @@ class TextTokenizer:
         return text
 
 
-def load_model(path: str):
+def load_model(path: str, which: Optional[str] = None, prefer: Optional[str] = None):
     """(params, ModelConfig, arch, tokenizer_dir or None) from a Hugging Face folder or a training workdir.
 
-    arch is 'encoder' or 'decoder'. The parameters are put on the default device once, here, so that jitted
-    calls do not copy them again.
+    arch is 'encoder' or 'decoder'. A workdir of a paired run holds both: `which` picks one; without it, `prefer`
+    is taken if the workdir holds it (the CLI prefers the architecture its subcommand needs). The parameters are put
+    on the default device once, here, so that jitted calls do not copy them again.
     """
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} is not a folder: expected a Hugging Face folder (config.json and "
                          "model.safetensors) or a training workdir (with checkpoints/)")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         try:
-            from ettin_jax.checkpoint import load_model_from_workdir
+            from ettin_jax.checkpoint import load_model_from_workdir, load_models
         except ImportError as e:
             raise ValueError(f"{path!r} is a training workdir, but this installation cannot read workdirs "
                              f"(ettin_jax.checkpoint.load_model_from_workdir: {e}); export it with `ettin export` "
                              "and pass the exported folder") from None
-        params, cfg, arch, tokenizer_dir = load_model_from_workdir(path)
+        if which is None and prefer is not None and prefer in load_models(path):
+            which = prefer
+        params, cfg, arch, tokenizer_dir = load_model_from_workdir(path, which)
     elif os.path.isfile(os.path.join(path, "config.json")):
         params, cfg, arch = hf.load_hf_folder(path)
         tokenizer_dir = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+        if which is not None and which != arch:
+            raise ValueError(f"{path!r} holds a {arch} ({hf.ARCHITECTURES[arch]['cls']}), not a {which}")
     else:
         raise ValueError(f"{path!r} holds neither config.json (a Hugging Face folder) nor checkpoints/ "
                          "(a training workdir)")
@@ -118,8 +124,8 @@ def validate_token_ids(ids: Sequence[int], vocab_size: int) -> None:
     """Raises ValueError naming the first id outside [0, vocab_size)."""
     for pos, i in enumerate(ids):
         if not 0 <= int(i) < vocab_size:
-            raise ValueError(f"token id {int(i)} (position {pos}) is outside the model's vocabulary "
-                             f"[0, {vocab_size}); the tokenizer does not match the model")
+            raise ValueError(f"token id {int(i)} (position {pos}) is outside the model's vocabulary: ids must be "
+                             f"in 0..{vocab_size - 1}")
 
 
 # --------------------------------------------------------------------------------------------------- fill-mask
@@ -174,7 +180,7 @@ def fill_mask(params, cfg: ModelConfig, tokenizer: TextTokenizer, text: str, top
 # --------------------------------------------------------------------------------------------------- generation
 
 
-def prompt_ids(tokenizer: TextTokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
     """The decoder's prompt for `text`: the tokenizer's ids without the trailing [SEP] (EOS)."""
     ids = tokenizer.encode(text)
     if ids and tokenizer.sep_id is not None and ids[-1] == tokenizer.sep_id:
@@ -263,6 +269,8 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
 FLAGS = {"fill-mask": flags.FlagValues(), "generate": flags.FlagValues()}  # private: no clash with other modules
 for _fv in FLAGS.values():
     flags.DEFINE_string("model", None, "Hugging Face folder or training workdir", flag_values=_fv)
+    flags.DEFINE_enum("which", None, list(hf.ARCHITECTURES), "the model of a paired workdir (default: the "
+                      "encoder for fill-mask, the decoder for generate)", flag_values=_fv)
     flags.DEFINE_boolean("json", False, "print the result as JSON on the last line", flag_values=_fv)
 flags.DEFINE_string("text", None, "text holding the tokenizer's mask token, e.g. [MASK]",
                     flag_values=FLAGS["fill-mask"])
@@ -279,8 +287,9 @@ flags.DEFINE_float("top_p", 1.0, "sampling nucleus mass", flag_values=FLAGS["gen
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS["generate"])
 
 USAGE = {
-    "fill-mask": "usage: ettin fill-mask --model=PATH --text=TEXT [--top_k=5] [--json]",
-    "generate": "usage: ettin generate --model=PATH (--prompt=TEXT | --prompt_ids=I,J,...) [--max_new_tokens=N] "
+    "fill-mask": "usage: ettin fill-mask --model=PATH [--which=encoder] --text=TEXT [--top_k=5] [--json]",
+    "generate": "usage: ettin generate --model=PATH [--which=decoder] (--prompt=TEXT | --prompt_ids=I,J,...) "
+                "[--max_new_tokens=N] "
                 "[--greedy | --temperature=T --top_p=P --seed=S] [--json]",
 }
 
@@ -320,14 +329,14 @@ def _run_generate(fv, params, cfg, arch, tokenizer) -> str:
     elif tokenizer is None:
         raise ValueError(f"no tokenizer.json beside the model in {fv.model!r}: pass --prompt_ids instead")
     else:
-        ids = prompt_ids(tokenizer, fv.prompt)
+        ids = encode_prompt(tokenizer, fv.prompt)
     start = time.perf_counter()
     new = generate(params, cfg, ids, fv.max_new_tokens, greedy=greedy, temperature=fv.temperature,
                    top_p=fv.top_p, seed=fv.seed, eos_id=cfg.sep_token_id)
     seconds = time.perf_counter() - start
     text = None if tokenizer is None else tokenizer.decode(new, skip_special_tokens=True)
-    if tokenizer is not None:
-        print(tokenizer.decode(ids, skip_special_tokens=True) + text)
+    if tokenizer is not None:  # decoded as one sequence: a character may span the prompt's last token and the next
+        print(tokenizer.decode(ids + new, skip_special_tokens=True))
     else:
         print(" ".join(map(str, new)))
     print(f"[{len(new)} new tokens in {seconds:.2f} s, compilation included]")
@@ -353,7 +362,8 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
             raise ValueError(f"unexpected arguments {' '.join(rest)}")
         if not fv.model:
             raise ValueError("--model is required")
-        params, cfg, arch, tokenizer_dir = load_model(fv.model)
+        params, cfg, arch, tokenizer_dir = load_model(
+            fv.model, which=fv.which, prefer="encoder" if subcommand == "fill-mask" else "decoder")
         tokenizer = TextTokenizer(tokenizer_dir) if tokenizer_dir else None
         if subcommand == "fill-mask":
             if tokenizer is None:
@@ -361,7 +371,10 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
             line = _run_fill_mask(fv, params, cfg, arch, tokenizer)
         else:
             line = _run_generate(fv, params, cfg, arch, tokenizer)
-    except (flags.Error, ValueError, OSError) as e:
+    except flags.Error as e:
+        print(f"{prog}: error: {e} (see `{prog} --help`)", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if fv.json:

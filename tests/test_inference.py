@@ -83,16 +83,26 @@ def decoder(folders):
     return inference.load_model(folders["decoder"])
 
 
-def test_tokenizer_matches_autotokenizer(folders):
+BUNDLED_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "data", "tokenizer")
+
+
+@pytest.mark.parametrize("which", ["test", "bundled"])
+def test_tokenizer_matches_autotokenizer(folders, which):
     from transformers import AutoTokenizer
-    hf_tok = AutoTokenizer.from_pretrained(folders["encoder"])
-    ours = inference.TextTokenizer(folders["encoder"])
-    for text in ["Paris is the [MASK] of France.", "The quick [MASK] fox[MASK] jumps", PROMPT, "naïve ünïcode"]:
+    folder = folders["encoder"] if which == "test" else BUNDLED_TOKENIZER
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        pytest.skip(f"no tokenizer in {folder}")
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    ours = inference.TextTokenizer(folder)
+    for text in ["Paris is the [MASK] of France.", "The quick [MASK] fox[MASK] jumps", PROMPT, "naïve ünïcode 🙂",
+                 "def f(x):\n    return x  # [CLS] inside [SEP]", "  spaces  and\ttabs "]:
         ids = hf_tok(text)["input_ids"]
         assert ours.encode(text) == ids
         assert ours.decode(ids) == hf_tok.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == hf_tok.decode(ids, skip_special_tokens=True)
         assert [ours.decode([i]) for i in ids] == [hf_tok.decode([i]) for i in ids]
     assert (ours.mask_id, ours.mask_token) == (hf_tok.mask_token_id, hf_tok.mask_token)
+    assert (ours.cls_id, ours.sep_id) == (hf_tok.cls_token_id, hf_tok.sep_token_id)
 
 
 @pytest.mark.parametrize("text", ["Paris is the [MASK] of France.", "The quick [MASK] fox jumps over[MASK] dog."])
@@ -125,7 +135,7 @@ def _hf_greedy(folder, ids, n):
 def test_greedy_generation_matches_transformers(folders, decoder):
     params, cfg, arch, tok_dir = decoder
     assert arch == "decoder"
-    ids = inference.prompt_ids(inference.TextTokenizer(tok_dir), PROMPT)
+    ids = inference.encode_prompt(inference.TextTokenizer(tok_dir), PROMPT)
     assert ids[0] == 1 and ids[-1] != 2 and len(ids) > LOCAL_ATTENTION  # [CLS] text, the [SEP] dropped
     ours = inference.generate(params, cfg, ids, 32)
     assert ours == _hf_greedy(folders["decoder"], ids, 32)
@@ -199,7 +209,7 @@ def test_cli_json_equals_library(folders, decoder, capsys):
                           "--max_new_tokens=32", "--json")
     assert code == 0, err
     got = json.loads(out.strip().splitlines()[-1])
-    new = inference.generate(params, cfg, inference.prompt_ids(tok, PROMPT), 32, eos_id=cfg.sep_token_id)
+    new = inference.generate(params, cfg, inference.encode_prompt(tok, PROMPT), 32, eos_id=cfg.sep_token_id)
     assert got == {"token_ids": new, "text": tok.decode(new, skip_special_tokens=True)}
 
     code, out, err = _cli(capsys, "generate", f"--model={folders['decoder']}", "--prompt_ids=1,40,50,60",
@@ -233,3 +243,31 @@ def test_cli_usage_errors(folders, tmp_path, capsys):
     assert code == 2 and "neither config.json" in err
     code, _, err = _cli(capsys, "fill-mask", f"--model={folders['decoder']}", "--text=[MASK]")
     assert code == 2 and "use `ettin generate`" in err
+
+
+def test_workdir_models(folders, tmp_path, capsys):
+    """A paired run's workdir: fill-mask takes its encoder, generate its decoder, as from the HF folders."""
+    from ettin_jax import checkpoint
+    loaded = {arch: inference.load_model(folders[arch]) for arch in ("encoder", "decoder")}
+    workdir = str(tmp_path / "run")
+    checkpoint.save_models(workdir, {arch: cfg for arch, (_, cfg, _, _) in loaded.items()})
+    ckpt = checkpoint.Checkpoints(workdir, async_save=False)
+    ckpt.save(7, params={arch: p for arch, (p, _, _, _) in loaded.items()}, meta={"step": 7})
+    ckpt.close()
+    checkpoint.copy_tokenizer(folders["encoder"], workdir)
+    for subcommand, arg in (("fill-mask", "--text=Paris is the [MASK] of France."), ("generate", f"--prompt={PROMPT}")):
+        lines = []
+        for model in (workdir, folders["encoder" if subcommand == "fill-mask" else "decoder"]):
+            code, out, err = _cli(capsys, subcommand, f"--model={model}", arg, "--json")
+            assert code == 0, err
+            lines.append(json.loads(out.strip().splitlines()[-1]))
+        assert lines[0] == pytest.approx(lines[1])
+    code, _, err = _cli(capsys, "generate", f"--model={workdir}", "--which=encoder", "--prompt=a")
+    assert code == 2 and "use `ettin fill-mask`" in err
+
+
+def test_workdir_without_checkpoint_module(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "checkpoints")
+    monkeypatch.setitem(__import__("sys").modules, "ettin_jax.checkpoint", None)  # import fails
+    with pytest.raises(ValueError, match="cannot read workdirs.*ettin export"):
+        inference.load_model(str(tmp_path))
