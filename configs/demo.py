@@ -18,8 +18,7 @@ def get_config(arg=None):
     c.total_steps = 120
     c.total_tokens = float(c.total_steps * c.global_batch_size * c.seq_len)
     c.optimizer.peak_lr, c.optimizer.weight_decay = 3e-3, 3e-4
-    c.schedule.update(name="warmup_stable_decay", warmup_tokens=15.0 * 16 * 256, decay_tokens=40.0 * 16 * 256,
-                      final_frac=0.02)
+    c.schedule.update(name="warmup_stable_decay", warmup_frac=0.1, decay_frac=0.3, final_frac=0.02)
     c.batch_size_warmup.tokens = 0.0
     c.log_every_steps = 10
     c.checkpoint_every_steps = 50

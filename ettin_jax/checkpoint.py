@@ -116,6 +116,20 @@ class Checkpoints:
                     f"{str(e).splitlines()[0][:200]}); trying an older one")
         return None, None
 
+    def quarantine_after(self, step: int, log=print):
+        """Moves checkpoints newer than `step` (unreadable ones we fell back from) to checkpoints.corrupt/, so the
+        resumed run can save those steps again and the evidence is kept."""
+        moved = [s for s in self.steps() if s > step]
+        if not moved:
+            return
+        dest = self.directory + ".corrupt"
+        os.makedirs(dest, exist_ok=True)
+        for s in moved:
+            target = os.path.join(dest, f"{s}.{int(__import__('time').time())}")
+            shutil.move(os.path.join(self.directory, str(s)), target)
+            log(f"moved unreadable checkpoint {s} to {target}")
+        self.manager.reload()
+
     def wait(self):
         self.manager.wait_until_finished()
 

@@ -51,7 +51,9 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_lr=3e-3, weight_decay=3e-4, b1=0.9, b2=0.98, eps=1e-6))
     c.schedule = ml_collections.ConfigDict(dict(name="warmup_constant", warmup_tokens=4e9, decay_tokens=0.0,
-                                                start_frac=1.0, end_frac=1.0, final_frac=0.02))
+                                                start_frac=1.0, end_frac=1.0, final_frac=0.02,
+                                                # > 0: warmup / decay as a fraction of the run (short runs)
+                                                warmup_frac=0.0, decay_frac=0.0))
     c.batch_size_warmup = ml_collections.ConfigDict(dict(tokens=0.0, start=0))
     c.init_from = ""  # workdir (or HF folder) of the previous phase
     c.init_mode = "none"  # none | full (weights + optimizer, phases 2-3) | weights (cross-objective)

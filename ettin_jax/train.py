@@ -126,13 +126,17 @@ def make_optimizer(config):
     tx = optim.injectable_stable_adamw(max_learning_rate=o.peak_lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay)
     s = config.schedule
-    total = config.total_tokens or config.total_steps * config.global_batch_size * config.seq_len
+    # The schedule's horizon: the phase's token budget, or less when total_steps ends the run earlier.
+    step_tokens = float(config.total_steps * config.global_batch_size * config.seq_len)
+    total = min(config.total_tokens, step_tokens) if config.total_tokens else step_tokens
+    warmup = s.warmup_frac * total if s.warmup_frac else s.warmup_tokens
+    decay = s.decay_frac * total if s.decay_frac else s.decay_tokens
     if s.name == "warmup_constant":
-        schedule = optim.warmup_constant(o.peak_lr, s.warmup_tokens)
+        schedule = optim.warmup_constant(o.peak_lr, warmup)
     elif s.name == "one_minus_sqrt":
         schedule = optim.one_minus_sqrt(o.peak_lr, total, s.start_frac, s.end_frac)
     elif s.name == "warmup_stable_decay":
-        schedule = optim.warmup_stable_decay(o.peak_lr, s.warmup_tokens, total, s.decay_tokens, s.final_frac)
+        schedule = optim.warmup_stable_decay(o.peak_lr, warmup, total, decay, s.final_frac)
     else:
         schedule = optim.make_schedule(s.name)  # raises the clear error for an unknown name
     return tx, schedule
@@ -407,6 +411,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 newest = checkpoints.steps()[-1]
                 note = "" if step == newest else f", the newest readable checkpoint (newest on disk: {newest})"
                 log(f"resumed from step {step} ({tokens_seen:,} tokens){note}")
+                checkpoints.quarantine_after(step, log=log)
         if params is None:
             params, opt_state = init_state(models, config, mesh, tx, rules, log)
 
