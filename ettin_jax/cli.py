@@ -16,6 +16,9 @@ SUBCOMMANDS = {
     "tokenizer": ("ettin_jax.tokenizer", "train a tokenizer: `ettin tokenizer train --input=... --out=...`"),
     "batches": ("ettin_jax.data.provenance", "print which documents formed a step's batch"),
     "bench": ("ettin_jax.bench", "time the train step and the inference forward"),
+    "eval": ("ettin_jax.evaluation", "evaluate workdirs or HF folders side by side on downstream tasks"),
+    "sweep": ("ettin_jax.sweep", "run every point of a config sweep (locally, or print TPU commands)"),
+    "sweep-report": ("ettin_jax.sweep", "gather a sweep's final metrics into a table and plots"),
 }
 
 

@@ -383,6 +383,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     rules = sharding.rules(config)
     tx, schedule = make_optimizer(config)
     tokens_per_step = config.global_batch_size * config.seq_len
+    # Besides every checkpoint_every_steps, a checkpoint every checkpoint_every_tokens (Ettin: 8.5B), kept forever.
     keep_period = None
     if config.checkpoint_every_tokens:
         keep_period = max(1, round(config.checkpoint_every_tokens / tokens_per_step))
@@ -492,7 +493,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                     bar.update(1)
                 if stopped:
                     break
-                if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempt.signal:
+                if (step % config.checkpoint_every_steps == 0 or (keep_period and step % keep_period == 0)
+                        or step == config.total_steps or preempt.signal):
                     finish(pending)
                     pending = None
                     if stopped:
