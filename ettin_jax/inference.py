@@ -18,7 +18,9 @@ the text rather than starting after an end of sequence.
 
 Generation prefills the prompt into the KV cache in one call, then decodes inside one jitted `lax.while_loop` (one
 forward of one token per step; the cache holds prompt + max_new_tokens positions, so shapes are fixed and nothing
-recompiles per token). Greedy decoding takes the argmax, exactly as transformers' greedy `generate`; sampling
+recompiles per token). On 2 CPU cores, for the 150m decoder (64-token prompt, 256 new tokens, batch 1, fp32) the loop
+was a little faster than a Python loop over a jitted step (18.6 vs 17.6 tokens/s on a loaded machine) and ~1.9x as
+fast as transformers' `generate` (27-32 vs 14-17 tokens/s, measured in one process). Greedy decoding takes the argmax, exactly as transformers' greedy `generate`; sampling
 divides by the temperature, keeps the smallest set of tokens whose probability reaches top_p (transformers'
 TopPLogitsWarper), and draws with a key folded from (seed, step).
 """
@@ -294,12 +296,27 @@ USAGE = {
 }
 
 
+def _sampling_flags(fv) -> list[str]:
+    return [n for n in ("temperature", "top_p", "seed") if fv[n].present]
+
+
+def _check_flags(subcommand: str, fv) -> None:
+    """Flag errors that need no model, raised before loading one."""
+    if not fv.model:
+        raise ValueError("--model is required")
+    if subcommand == "fill-mask" and fv.text is None:
+        raise ValueError("--text is required")
+    if subcommand == "generate":
+        if (fv.prompt is None) == (fv.prompt_ids is None):
+            raise ValueError("give exactly one of --prompt and --prompt_ids")
+        if fv.greedy and _sampling_flags(fv):
+            raise ValueError(f"--greedy conflicts with --{', --'.join(_sampling_flags(fv))}; drop one")
+
+
 def _run_fill_mask(fv, params, cfg, arch, tokenizer) -> str:
     if arch != "encoder":
         raise ValueError(f"{fv.model!r} is a {arch}; fill-mask needs an encoder (use `ettin generate` for a "
                          "decoder)")
-    if fv.text is None:
-        raise ValueError("--text is required")
     result = fill_mask(params, cfg, tokenizer, fv.text, top_k=fv.top_k)
     rows = [result] if result and isinstance(result[0], dict) else result
     for n, row in enumerate(rows):
@@ -315,12 +332,7 @@ def _run_generate(fv, params, cfg, arch, tokenizer) -> str:
         raise ValueError(f"{fv.model!r} is an {arch} (bidirectional attention), which cannot generate text: use "
                          "`ettin fill-mask` with it, or pass a decoder (or a cross-objective model exported as a "
                          "decoder)")
-    if (fv.prompt is None) == (fv.prompt_ids is None):
-        raise ValueError("give exactly one of --prompt and --prompt_ids")
-    sampling = [n for n in ("temperature", "top_p", "seed") if fv[n].present]
-    if fv.greedy and sampling:
-        raise ValueError(f"--greedy conflicts with --{', --'.join(sampling)}; drop one")
-    greedy = fv.greedy if fv.greedy is not None else not sampling
+    greedy = fv.greedy if fv.greedy is not None else not _sampling_flags(fv)
     if fv.prompt_ids is not None:
         try:
             ids = [int(i) for i in fv.prompt_ids]
@@ -360,8 +372,7 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
         rest = fv(argv)[1:]
         if rest:
             raise ValueError(f"unexpected arguments {' '.join(rest)}")
-        if not fv.model:
-            raise ValueError("--model is required")
+        _check_flags(subcommand, fv)
         params, cfg, arch, tokenizer_dir = load_model(
             fv.model, which=fv.which, prefer="encoder" if subcommand == "fill-mask" else "decoder")
         tokenizer = TextTokenizer(tokenizer_dir) if tokenizer_dir else None
