@@ -129,6 +129,8 @@ def model_config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str]:
                          ("sep_token_id", "sep_token_id")):
         if hf.get(theirs) is not None:
             fields[ours] = hf[theirs]
+    # The mask and unknown tokens live in the tokenizer, not config.json; a released ModernBERT vocabulary has
+    # them at [MASK] 50284 / [UNK] 50280 (our defaults), our own tokenizers wherever they put them.
     fields.update(overrides)
     try:
         return ModelConfig(**fields), arch
@@ -294,6 +296,17 @@ def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"{hf_dir}: no model.safetensors (or pytorch_model.bin) found")
 
 
+def _tokenizer_special_ids(hf_dir: str) -> dict:
+    """mask/unk ids from the folder's tokenizer.json (config.json does not carry them), when it has one."""
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    found = {"mask_token_id": added.get("[MASK]", added.get("<mask>")), "unk_token_id": added.get("[UNK]")}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
     """(params, ModelConfig, arch) from a Hugging Face folder (ours or a released Ettin checkpoint)."""
     path = os.path.join(hf_dir, "config.json")
@@ -301,7 +314,7 @@ def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
         raise ConversionError(f"{hf_dir}: config.json is missing")
     with open(path) as f:
         hf = json.load(f)
-    cfg, arch = model_config_from_hf(hf)
+    cfg, arch = model_config_from_hf(hf, **_tokenizer_special_ids(hf_dir))
     sd = read_hf_state_dict(hf_dir)
     # Checkpoints saved in bf16 (or with a "model." prefix-less layout) are normalised here.
     sd = {k: np.asarray(v, np.float32) for k, v in sd.items()}
