@@ -108,8 +108,10 @@ def check_resume_config(workdir: str, config, allow_change: bool):
     """Refuses to resume a workdir whose run had a different config, naming the fields."""
     saved = ckpt_lib.read_json(workdir, "config.json")
     current = config_to_dict(config)
+    write = jax.process_index() == 0  # one writer: processes sharing a workdir would race on config.json.tmp
     if saved is None:
-        ckpt_lib.write_json(workdir, "config.json", current)
+        if write:
+            ckpt_lib.write_json(workdir, "config.json", current)
         return
     a, b = _flatten(saved), _flatten(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in MUTABLE_FIELDS)
@@ -118,7 +120,8 @@ def check_resume_config(workdir: str, config, allow_change: bool):
         raise ConfigError(f"{workdir} holds a run with a different config ({shown}"
                           f"{'; ...' if len(differ) > 8 else ''}); use another workdir, or pass "
                           "--allow_config_change to resume it anyway")
-    ckpt_lib.write_json(workdir, "config.json", current)
+    if write:
+        ckpt_lib.write_json(workdir, "config.json", current)
 
 
 def make_optimizer(config):
@@ -313,7 +316,8 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(self.path):  # drop lines past the checkpoint we resume from (written, then lost)
+        # Drop lines past the checkpoint we resume from (written, then lost); process 0 is the only writer.
+        if os.path.exists(self.path) and jax.process_index() == 0:
             with open(self.path) as f:
                 keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
             with open(self.path + ".tmp", "w") as f:
@@ -365,7 +369,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     # Mesh and shape checks come before the data or any compilation.
     mesh = sharding.make_mesh(config.mesh)
     for cfg in models.values():
-        sharding.validate(cfg, mesh, config.global_batch_size)
+        sharding.validate(cfg, mesh, config.global_batch_size, seq_len=config.seq_len,
+                          micro_batch_size=config.micro_batch_size)
     objs = recipe.models_of(config)
     masked = any(objectives.get_objective(o).masked_inputs for o in objs.values())
     pipe = data_lib.make_pipeline(config.data, seq_len=config.seq_len, global_batch_size=config.global_batch_size,
@@ -475,11 +480,15 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 if rw is not None:
                     batch["row_weights"] = rw
                 local_tokens = int(((batch["segment_ids"] > 0) * (1 if rw is None else rw[:, None])).sum())
-                ntok = local_tokens * jax.process_count()  # hosts hold equal shares of a packed global batch
+                # Global counts, summed over processes: tokens_seen drives the learning rate, which every process
+                # must pass identically to the step (and equal to a single-process run's).
+                local_preds = float(batch["mlm_weights"].sum()) if "mlm_weights" in batch else 0.0
+                ntok, npreds = sharding.process_sum(local_tokens, local_preds)
+                ntok = int(ntok)
                 nflops = 0.0
                 for arch, o in objs.items():
                     cfg = models[arch]
-                    preds = ntok if o == "clm" else float(batch["mlm_weights"].sum()) * jax.process_count()
+                    preds = ntok if o == "clm" else npreds
                     nflops += flops_lib.train_flops(cfg, tokens=ntok, predictions=preds, seq_len=config.seq_len,
                                                     causal=o == "clm")
                 gbatch = sharding.host_batch_to_global(batch, mesh)
@@ -551,6 +560,11 @@ def main(argv, subcommand=None):
                                     "config file, with big_vision-style :args", lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and provenance go")
     flags.DEFINE_bool("allow_config_change", False, "resume a workdir whose run had a different config")
+    # Multi-process runs (see sharding.initialize_distributed): on TPU VM pod slices and under SLURM none of these
+    # is needed; elsewhere give all three (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (multi-process runs)")
+    flags.DEFINE_integer("num_processes", None, "how many processes train together (multi-process runs)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (multi-process runs)")
 
     def run(_):
         from absl import logging
@@ -559,6 +573,7 @@ def main(argv, subcommand=None):
             print("ettin train: --workdir is required", file=sys.stderr)
             return 2
         try:
+            sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print(f"ettin train: {e}", file=sys.stderr)
