@@ -8,8 +8,17 @@ decay (50B at 7999, from extension), cross (50B, weights of the other architectu
 
 Cost: the 150m pretrain is ~470 H100-hours per model in Ettin's PyTorch code (4 x H100 for about 5 days).
 `runlocal` shrinks any of them to a CPU-sized run of the same shape: `...:size=17m,objective=paired,runlocal`.
+
+Sweeps (`get_sweep`; each point is the config plus its overrides, in its own workdir under --workdir_root):
+
+    ettin sweep --config=configs/ettin.py --sweep=size_objective --workdir_root=runs/grid [--parallel=2]
+    ettin sweep-report --workdir_root=runs/grid
+
+size_objective: sizes tiny and 17m x objectives mlm (encoder) and clm (decoder), at demo scale: 30 steps of 8 x 256
+tokens, the bundled 8192-token BPE's vocabulary, no batch-size warmup; 4 points, ~4 minutes on 2 CPU cores.
 """
 from ettin_jax import recipe
+from ettin_jax.sweep import product
 
 
 def get_config(arg=None):
@@ -34,3 +43,22 @@ def get_config(arg=None):
         c.model.dtype = "float32"
         c.schedule.warmup_tokens = 2 * 8 * 256
     return c
+
+
+# The demo-scale shape of a sweep point (the recipe's 1.7T-token pretrain is for a TPU pod, not a sweep).
+DEMO_SCALE = {"config.total_steps": 30, "config.global_batch_size": 8, "config.seq_len": 256,
+              "config.model.vocab_size": 8192, "config.model.dtype": "float32",
+              "config.batch_size_warmup.tokens": 0.0, "config.schedule.warmup_tokens": 4096.0,
+              "config.log_every_steps": 5, "config.checkpoint_every_steps": 10}
+
+SWEEPS = {
+    "size_objective": lambda: product(DEMO_SCALE, ("config.size", ["tiny", "17m"]),
+                                      ("config.objective", ["mlm", "clm"])),
+}
+
+
+def get_sweep(name):
+    """The points (dicts of config overrides) of sweep `name`: one of SWEEPS."""
+    if name not in SWEEPS:
+        raise ValueError(f"unknown sweep {name!r}; expected one of {', '.join(SWEEPS)}")
+    return SWEEPS[name]()
