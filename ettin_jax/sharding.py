@@ -173,6 +173,26 @@ def fit_shardings(shardings, shapes):
     return jax.tree_util.tree_map(fit, shardings, shapes)
 
 
+def like_params(tree, params, mesh: Mesh):
+    """Shardings for a tree that embeds copies of the parameter tree (an optimizer state: mu, nu, ...).
+
+    A leaf whose path ends with a parameter's path and has its shape gets that parameter's sharding; every other
+    leaf (step counts, per-parameter scalars, hyperparameters) is replicated. Sharding propagation cannot be relied
+    on here: a moment created with `jnp.zeros(shape)` has no input to inherit a sharding from, and would otherwise
+    be replicated on every device, which is exactly what FSDP must avoid.
+    """
+    by_path = {tuple(p): (x.shape, x.sharding) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+
+    def pick(path, x):
+        for n in lengths:
+            hit = by_path.get(tuple(path[-n:])) if len(path) >= n else None
+            if hit is not None and tuple(hit[0]) == tuple(x.shape):
+                return hit[1]
+        return replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

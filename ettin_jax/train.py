@@ -227,7 +227,9 @@ def init_state(models, config, mesh, tx, rules, log):
     if config.init_mode != "none":
         params, opt_state = load_initial(config, models, params, tx, log)
     if opt_state is None:
-        opt_state = jax.jit(tx.init)(params)
+        # Explicit out_shardings: the moments must be sharded like the parameters (FSDP), not left replicated.
+        opt_sh = sharding.like_params(jax.eval_shape(tx.init, params), params, mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     return params, opt_state
 
 
@@ -254,6 +256,10 @@ def load_initial(config, models, fresh_params, tx, log):
                 raise ConfigError(f"init_from={src}: checkpoint {step} has no optimizer state (an import?); "
                                   "use --config.init_mode=weights")
             abstract_opt = jax.eval_shape(tx.init, fresh_params)
+            # Restore onto the optimizer state's own (parameter-like) shardings on this run's mesh.
+            mesh = jax.tree_util.tree_leaves(fresh_params)[0].sharding.mesh
+            abstract_opt = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                  abstract_opt, sharding.like_params(abstract_opt, fresh_params, mesh))
             source_opt = ck.restore(step, opt_state=abstract_opt)["opt_state"]
         ck.close()
         log(f"initialising from {src} step {step} ({config.init_mode})")
