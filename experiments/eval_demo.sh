@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole chain at demo scale: pretrain the demo pair, continue both cross-objective, evaluate all four models and
+# write the comparison report (report.md, results.json, losses.png, scores.png).
+#
+#   bash experiments/eval_demo.sh [RUNS_DIR=runs] [OUT=experiments/results/demo]
+#
+# On 2 otherwise idle CPU cores: pair ~5-8 min, cross ~3-4 min, evaluation ~10-15 min. Reruns resume/skip training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-runs}
+OUT=${2:-experiments/results/demo}
+bash experiments/pretrain_pair.sh demo "$RUNS/demo"
+bash experiments/cross_objective.sh demo "$RUNS/demo" "$RUNS/demo-cross"
+python experiments/compare.py --out="$OUT" "$RUNS/demo" "$RUNS/demo-cross" \
+  --command="bash experiments/eval_demo.sh $RUNS $OUT"

@@ -1,0 +1,159 @@
+"""Evaluation on tiny models: likelihoods against a hand-rolled forward, retrieval ranking, the classifier beating
+the majority class, bad input (wrong architecture, unknown task, label set vs head), and `ettin eval` end to end."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ettin_jax import attention
+from ettin_jax.evaluation import classification, likelihood, metrics, retrieval, runner, tasks
+from ettin_jax.evaluation import cli as eval_cli
+from ettin_jax.evaluation.models import Model
+from ettin_jax.inference import TextTokenizer
+from ettin_jax.model import Ettin, ModelConfig, init_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(vocab_size=8192, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=1,
+                   pad_token_id=3, cls_token_id=1, sep_token_id=2, mask_token_id=4, unk_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    params = init_params(TINY, jax.random.key(0))
+    tok = TextTokenizer(os.path.join(REPO, "data", "tokenizer"))
+    return {arch: Model(f"tiny:{arch}", params, TINY, arch, tok) for arch in ("encoder", "decoder")}
+
+
+def _logp(model, tokens):
+    hidden = Ettin(model.cfg).apply({"params": model.params}, np.asarray([tokens]), mask=model.mask)
+    logits = Ettin(model.cfg).apply({"params": model.params}, hidden, method=Ettin.predict)
+    return np.asarray(jax.nn.log_softmax(logits[0], -1))
+
+
+@pytest.mark.slow
+def test_decoder_loglikelihood_is_the_sum_over_continuation_tokens(pair):
+    m = pair["decoder"]
+    ctx, cont = likelihood.encode_pair(m, "It is a truth universally", " acknowledged")
+    assert ctx[0] == 1 and cont
+    (ll, greedy), = likelihood.loglikelihoods(m, [(ctx, cont)])
+    seq = ctx + cont
+    lp = _logp(m, seq)
+    expected = sum(lp[t - 1, seq[t]] for t in range(len(ctx), len(seq)))
+    assert ll == pytest.approx(expected, abs=1e-4)
+    assert greedy == all(lp[t - 1].argmax() == seq[t] for t in range(len(ctx), len(seq)))
+
+
+@pytest.mark.slow
+def test_encoder_pll_masks_each_continuation_token(pair):
+    m = pair["encoder"]
+    ctx, cont = [1, 100, 200], [300, 400]
+    (ll, _), = likelihood.loglikelihoods(m, [(ctx, cont)], pll=True)
+    seq = ctx + cont + [2]
+    expected = 0.0
+    for p in (3, 4):
+        masked = list(seq)
+        masked[p] = 4
+        expected += _logp(m, masked)[p, seq[p]]
+    assert ll == pytest.approx(expected, abs=1e-4)
+
+
+def test_encoder_on_a_likelihood_task_needs_pll(pair):
+    with pytest.raises(ValueError, match="--pll"):
+        tasks.run("austen_cloze", pair["encoder"])
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'glu'.*austen_novel"):
+        tasks.resolve(["glu"])
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        tasks.resolve(["glue/nope"])
+
+
+def test_glue_without_local_data_says_so():
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        tasks.glue_split("sst2", "train", None)
+
+
+def test_label_set_that_does_not_match_the_head(pair):
+    clf = classification.Classifier(pair["encoder"], None, ("neg", "pos"), "mean", 32)
+    with pytest.raises(ValueError, match=r"label 'neutral' \(example 1\).*\['neg', 'pos'\]"):
+        classification.evaluate(clf, [dict(text="a", label="pos"), dict(text="b", label="neutral")])
+    with pytest.raises(ValueError, match="pooling 'last' does not suit a encoder"):
+        classification.fine_tune(pair["encoder"], [dict(text="a", label="x")],
+                                 config=classification.FinetuneConfig(pooling="last"))
+
+
+def test_retrieval_ranks_by_cosine_and_scores():
+    class Stub:  # an embedder with fixed vectors
+        vecs = {"q1": [1, 0], "q2": [0, 1], "d1": [0.9, 0.1], "d2": [0.1, 0.9], "d3": [-1, 0]}
+
+        def encode(self, sentences, **kw):
+            v = np.array([self.vecs[s] for s in sentences], np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    queries, corpus = {"a": "q1", "b": "q2"}, {"x": "d1", "y": "d2", "z": "d3"}
+    assert retrieval.rank(Stub(), queries, corpus, k=3) == {"a": ["x", "y", "z"], "b": ["y", "x", "z"]}
+    scores = retrieval.evaluate(Stub(), queries, corpus, {"a": {"y": 1}, "b": {"y": 1}})
+    assert scores["mrr@10"] == pytest.approx((0.5 + 1) / 2)
+
+
+def test_encode_interface(pair):
+    emb = retrieval.Embedder(pair["encoder"]).encode(["one sentence", "and another"], normalize_embeddings=True,
+                                                     batch_size=4)
+    assert emb.shape == (2, 64) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_pronoun_probe_counts_every_sentence(pair):
+    spec = dict(pronouns=dict(male="he", female="she", neutral="they"), occupations=["nurse", "pilot"],
+                templates=["The {occupation} said that {pronoun} would come."])
+    from ettin_jax.evaluation import pronouns
+    for m in pair.values():
+        out = pronouns.probe(m, spec)
+        assert out["n"] == 2 and sum(out[c] for c in pronouns.CLASSES) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_classifier_beats_the_majority_class(pair):
+    """A from-scratch tiny model fine-tuned for a few epochs on the bundled task clearly beats always-majority."""
+    train, test = tasks.read_jsonl("austen_novel_train.jsonl"), tasks.read_jsonl("austen_novel_test.jsonl")
+    clf = classification.fine_tune(pair["encoder"], train, config=classification.FinetuneConfig(
+        lrs=(1e-3,), epochs=3, max_len=64), log=None)
+    acc = classification.evaluate(clf, test)["accuracy"]
+    majority = metrics.majority_baseline([e["label"] for e in train], [e["label"] for e in test])
+    assert acc > majority + 0.1, (acc, majority)
+
+
+def test_cli_rejects_an_unknown_task_before_loading(capsys, tmp_path):
+    assert eval_cli.main(["ettin eval", f"--workdir={tmp_path}", "--tasks=austen_novel,nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ettin_eval_side_by_side_on_a_paired_workdir(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from test_train import small
+    from ettin_jax import train
+    train.train(small(steps=2), str(tmp_path / "pair"), log=lambda *_: None)
+    data = tmp_path / "data"  # a few items of each task: this tests the command, not the scores
+    data.mkdir()
+    (data / "austen_cloze.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                     for r in tasks.read_jsonl("austen_cloze.jsonl")[:12]))
+    spec = json.load(open(os.path.join(tasks.DATA_DIR, "pronoun_templates.json")))
+    spec.update(occupations=spec["occupations"][:3], templates=spec["templates"][:2])
+    (data / "pronoun_templates.json").write_text(json.dumps(spec))
+    out = tmp_path / "r.json"
+    assert eval_cli.main(["ettin eval", f"--workdir={tmp_path / 'pair'}", "--tasks=austen_cloze",
+                          f"--out={out}", "--quiet", f"--data_dir={data}"]) == 2
+    assert "pass --pll" in capsys.readouterr().err
+    assert eval_cli.main(["ettin eval", f"--workdir={tmp_path / 'pair'}", "--tasks=pronouns,austen_cloze", "--pll",
+                          f"--out={out}", "--quiet", f"--data_dir={data}"]) == 0
+    table = capsys.readouterr().out
+    assert "pair:decoder" in table and "pair:encoder" in table and "austen_cloze/acc" in table
+    res = json.loads(out.read_text())
+    assert set(res["scores"]) == {"pair:decoder", "pair:encoder"}
+    assert 0 <= res["scores"]["pair:encoder"]["austen_cloze"]["acc"] <= 1
+    assert "| task/metric |" in runner.format_table(res, "markdown")
