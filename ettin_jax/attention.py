@@ -152,32 +152,156 @@ def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64):
     return out.reshape(b, n * block, h, d)[:, :t]
 
 
-def _cudnn_attention(q, k, v, *, segment_ids, band: Band):
+def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 512, remat: bool = False):
+    """Self-attention in query chunks, each against the static key range its band can reach.
+
+    For a causal band a chunk of queries [s, e) needs keys [0, e) only, so the causal global layers cost about
+    half of the dense [T, T] (the dense path computes and then masks the upper triangle). With `remat`, each
+    chunk's scores are recomputed in the backward pass instead of kept: memory O(chunk * T) per layer rather than
+    O(T^2), for long rows.
+    """
     back, ahead = band
-    seg = segment_ids
-    mask = (seg[:, None, :, None] == seg[:, None, None, :])
-    window = None if back is None and ahead is None else (
-        back if back is not None else q.shape[1], ahead if ahead is not None else q.shape[1])
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=False, local_window_size=window, implementation="cudnn")
+    b, t, h, d = q.shape
+    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+
+    def one(qc, kc, vc, qs, ks, qi, ki):
+        ok = visible(qi[:, :, None], ki[:, None, :], qs[:, :, None], ks[:, None, :], band)
+        return _softmax_attend(qc, kc, vc, ok, 1.0 / math.sqrt(d))
+
+    if remat:
+        one = jax.checkpoint(one)
+    outs = []
+    for s in range(0, t, chunk):
+        e = min(t, s + chunk)
+        lo = 0 if back is None else max(0, s - back)
+        hi = t if ahead is None else min(t, e + ahead)
+        outs.append(one(q[:, s:e], k[:, lo:hi], v[:, lo:hi], segment_ids[:, s:e], segment_ids[:, lo:hi],
+                        idx[:, s:e], idx[:, lo:hi]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def cudnn_arguments(segment_ids, band: Band) -> Optional[dict]:
+    """Keyword arguments of `jax.nn.dot_product_attention` that express (segment_ids, band), or None.
+
+    cuDNN takes a causal mask, a left window (sliding_window_length, only together with the causal mask) and an
+    explicit boolean mask; the segment ids become that mask ([B, 1, T, T]). A bidirectional bounded band (the
+    encoder's local layers) has a right window cuDNN cannot take: None, and the caller uses `blocked_attention`.
+    The same arguments mean the same thing to implementation='xla', which is how they are tested on CPU.
+    """
+    back, ahead = band
+    args = dict(mask=segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if ahead is None and back is None:
+        return args
+    if ahead == 0:
+        args["is_causal"] = True
+        if back is not None:
+            args["local_window_size"] = (back, 0)
+        return args
+    return None
+
+
+def cudnn_attention(q, k, v, *, segment_ids, band: Band, implementation: str = "cudnn"):
+    """Attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU)."""
+    args = cudnn_arguments(segment_ids, band)
+    if args is None:
+        raise ValueError(f"cuDNN cannot express the band {band} (a right window without the causal mask); "
+                         "use blocked_attention")
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **args)
+
+
+def splash_mask(band: Band, t: int, num_heads: int):
+    """The splash-attention mask object of a band over a [t, t] self-attention (one per head)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    back, ahead = band
+    if back is None and ahead is None:
+        m = splash.FullMask((t, t))
+    elif back is None and ahead == 0:
+        m = splash.CausalMask((t, t))
+    else:
+        m = splash.LocalMask((t, t), (back, ahead), offset=0)
+    return splash.MultiHeadMask([m] * num_heads)
+
+
+def splash_block_sizes(t: int, block: int = 512):
+    """Splash tile sizes: `block` (the largest multiple of 128 dividing t, at most `block`) everywhere."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    bs = min(block, t)
+    while t % bs:
+        bs //= 2
+    return splash.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs, block_kv_dkv=bs,
+                             block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+
+
+def splash_attention(q, k, v, *, segment_ids, band: Band, block: int = 512, interpret: Optional[bool] = None):
+    """TPU Pallas splash attention: the band as Full/Causal/LocalMask (blocks outside it are skipped), segment
+    ids as `SegmentIds`. interpret=None runs the kernel in Pallas interpret mode off TPU (tests on CPU)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    b, t, h, d = q.shape
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    kernel = splash.make_splash_mha(splash_mask(band, t, h), block_sizes=splash_block_sizes(t, block),
+                                    head_shards=1, q_seq_shards=1, interpret=interpret)
+    scale = jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+
+    def one(qb, kb, vb, seg):  # [T, H, D] -> [H, T, D] (splash's layout); splash does not scale q itself
+        o = kernel(jnp.swapaxes(qb * scale, 0, 1), jnp.swapaxes(kb, 0, 1), jnp.swapaxes(vb, 0, 1),
+                   segment_ids=splash.SegmentIds(q=seg, kv=seg))
+        return jnp.swapaxes(o, 0, 1)
+
+    return jax.vmap(one)(q, k, v, segment_ids)
+
+
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
+
+
+def resolve_impl(impl: str, band: Band, t: int, *, block: int = 64, platform: Optional[str] = None) -> str:
+    """The implementation one layer uses.
+
+    auto: TPU -> splash (rows a multiple of 128) for every layer; GPU -> cuDNN, except bidirectional
+    sliding-window layers (cuDNN has no right window) which go blocked; CPU -> blocked for sliding-window layers
+    of rows longer than two blocks, query-chunked for the rest. 'cudnn' and 'blocked' likewise fall back where
+    they cannot express a band.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+    bounded = band[0] is not None and band[1] is not None
+    if impl == "auto":
+        platform = platform or jax.default_backend()
+        if platform == "tpu" and t % 128 == 0:
+            return "splash"
+        if platform == "gpu":
+            impl = "cudnn"
+        else:
+            return "blocked" if bounded and t > 2 * block else "chunked"
+    if impl == "cudnn" and (band[1] not in (None, 0)):
+        return "blocked" if t > 2 * block else "xla"
+    if impl == "blocked" and not bounded:
+        return "xla"
+    return impl
+
+
+# Rows whose dense [B, H, T, T] fp32 scores would exceed this are chunked with recomputation in the backward pass.
+REMAT_SCORE_BYTES = 256 * 2 ** 20
 
 
 def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", block: int = 64):
     """Training-time self-attention (queries and keys are the same packed rows), dispatched by platform.
 
-    impl: 'auto' (blocked for sliding-window layers of rows longer than two blocks, dense otherwise),
-    'xla' (always dense), 'blocked' (blocked wherever the band is bounded), 'cudnn' (GPU).
-    Global layers (unbounded band) always take the dense or cuDNN path.
+    impl: 'auto' (see `resolve_impl`), 'xla' (always dense), 'blocked' (blocked wherever the band is bounded),
+    'chunked' (query chunks against the keys the band reaches), 'cudnn' (GPU), 'splash' (TPU).
     """
-    bounded = band[0] is not None and band[1] is not None
-    if impl == "auto":
-        impl = "blocked" if bounded and q.shape[1] > 2 * block else "xla"
-    if impl == "blocked":
-        impl = "blocked" if bounded else "xla"
+    b, t, h, _ = q.shape
+    impl = resolve_impl(impl, band, t, block=block)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)
+    if impl == "chunked":
+        remat = b * h * t * t * 4 > REMAT_SCORE_BYTES
+        if not remat and band[1] != 0:  # not causal: chunks would save nothing, one dense product
+            return reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
+        return chunked_attention(q, k, v, segment_ids=segment_ids, band=band, chunk=512 if remat else 256,
+                                 remat=remat)
     if impl == "xla":
         return reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
     if impl == "cudnn":
-        return _cudnn_attention(q, k, v, segment_ids=segment_ids, band=band)
-    raise ValueError(f"unknown attention implementation {impl!r}; expected auto, xla, blocked or cudnn")
+        return cudnn_attention(q, k, v, segment_ids=segment_ids, band=band)
+    return splash_attention(q, k, v, segment_ids=segment_ids, band=band)
