@@ -11,12 +11,16 @@ The MLM corruption itself (80% [MASK], 10% random, 10% kept) is made by the data
 (seed, step, row) (`ettin_jax.data`), so encoder and decoder read the very same batches: a batch carries `tokens`,
 `segment_ids`, `positions` and, for masked objectives, `mlm_inputs`, `mlm_positions`, `mlm_labels`, `mlm_weights`.
 
-Only the predicting positions pass through the head and decoder, and they do so in chunks of `chunk` rows under
-`jax.checkpoint`, so a [tokens, vocab] fp32 logit array never exists at once, forward or backward.
+Only the predicting positions pass through the head and decoder (sparse prediction), and the decoder's logits
+exist `chunk` rows at a time: `decoder_cross_entropy` computes each chunk's loss *and* its gradients (with respect
+to the features, the tied embedding and the bias) in one pass, so a [tokens, vocab] fp32 logit array never exists,
+forward or backward, and no logit is computed twice (recomputing them under `jax.checkpoint`, as
+`chunked_cross_entropy` does, costs a third more head FLOPs: for CLM the head is most of the model's work).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -80,6 +84,87 @@ def chunked_cross_entropy(predict: Callable, hidden, labels, weights, chunk: int
     return loss, correct, jnp.sum(weights.astype(jnp.float32))
 
 
+def _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk: int, with_grads: bool):
+    """Per-chunk scan of `decoder_cross_entropy`; with_grads also accumulates the gradients of loss_sum."""
+    n, h = x.shape
+    chunk = min(chunk, n)
+    pad = (-n) % chunk
+    if pad:
+        x, labels, weights = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(labels, (0, pad)), jnp.pad(weights, (0, pad))
+    nc = (n + pad) // chunk
+    weights = weights.astype(jnp.float32)
+    emb = embedding.astype(x.dtype)
+    vocab = embedding.shape[0]
+
+    def body(carry, inp):
+        xc, yc, wc = inp
+        logits = jax.lax.dot_general(xc, emb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = logits + bias
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        lse = (m + jnp.log(s))[:, 0]
+        hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == yc[:, None]
+        picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        ce = lse - picked
+        correct = (jnp.argmax(logits, axis=-1) == yc).astype(jnp.float32)
+        out = (carry[0] + jnp.sum(wc * ce), carry[1] + jnp.sum(wc * correct))
+        if not with_grads:
+            return out + carry[2:], (None, None)
+        dlogits = wc[:, None] * (e / s - hit.astype(jnp.float32))  # d loss_sum / d logits
+        dl = dlogits.astype(x.dtype)
+        dx = jax.lax.dot_general(dl, emb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        d_emb = carry[2] + jax.lax.dot_general(dl, xc, (((0,), (0,)), ((), ())),
+                                               preferred_element_type=jnp.float32)
+        return out + (d_emb, carry[3] + jnp.sum(dlogits, axis=0)), (dx.astype(x.dtype), ce)
+
+    zero = jnp.zeros((), jnp.float32)
+    carry = (zero, zero) + ((jnp.zeros((vocab, h), jnp.float32), jnp.zeros((vocab,), jnp.float32))
+                            if with_grads else (None, None))
+    xs = (x.reshape(nc, chunk, h), labels.reshape(nc, chunk), weights.reshape(nc, chunk))
+    if nc == 1:
+        carry, (dx, ce) = body(carry, jax.tree_util.tree_map(lambda a: a[0], xs))
+        dx, ce = (None, None) if dx is None else (dx[None], ce[None])
+    else:
+        carry, (dx, ce) = jax.lax.scan(body, carry, xs)
+    if with_grads:
+        dx, ce = dx.reshape(-1, h)[:n], ce.reshape(-1)[:n]
+    return carry, dx, ce
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _decoder_ce(x, embedding, bias, labels, weights, chunk):
+    (loss, correct, _, _), _, _ = _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk, False)
+    return loss, correct
+
+
+def _decoder_ce_fwd(x, embedding, bias, labels, weights, chunk):
+    (loss, correct, d_emb, d_bias), dx, ce = _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk, True)
+    return (loss, correct), (dx, d_emb.astype(embedding.dtype), d_bias.astype(bias.dtype), ce, labels, weights)
+
+
+def _decoder_ce_bwd(chunk, res, g):
+    dx, d_emb, d_bias, ce, labels, weights = res
+    gl = g[0]  # the accuracy count has no gradient
+    d_labels = None if not jnp.issubdtype(labels.dtype, jnp.floating) else jnp.zeros_like(labels)
+    return ((gl * dx).astype(dx.dtype), gl * d_emb, gl * d_bias, d_labels,
+            (gl * ce).astype(weights.dtype))
+
+
+_decoder_ce.defvjp(_decoder_ce_fwd, _decoder_ce_bwd)
+
+
+def decoder_cross_entropy(features, embedding, bias, labels, weights, chunk: int = 1024):
+    """`chunked_cross_entropy` of the tied decoder (logits = features @ embedding^T + bias, in fp32), with the
+    gradients computed chunk by chunk in the forward pass (a custom VJP): no logits are kept or recomputed.
+
+    features [N, H] (the head's output); embedding [V, H]; bias [V]; labels [N]; weights [N].
+    Returns (loss_sum, correct_sum, weight_sum) like `chunked_cross_entropy`.
+    """
+    loss, correct = _decoder_ce(features, embedding, bias, labels, weights, chunk)
+    return loss, correct, jnp.sum(weights.astype(jnp.float32))
+
+
 def prediction_targets(objective: Objective, batch):
     """(gather index [B, P], labels [B, P], weights [B, P]) of the positions that predict."""
     if objective.name == "clm":
@@ -105,11 +190,15 @@ def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=No
     index, labels, weights = prediction_targets(objective, batch)
     if "row_weights" in batch:  # batch-size warmup: rows beyond the current batch size do not count
         weights = weights * batch["row_weights"][:, None]
-    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, H]
+    if objective.name == "clm":  # every position predicts: no gather (and no scatter-add in the backward pass)
+        picked = hidden
+    else:
+        picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, H]
     h = picked.shape[-1]
-    predict = lambda x: model.apply({"params": params}, x, method=Ettin.predict)
-    loss_sum, correct, count = chunked_cross_entropy(
-        predict, picked.reshape(-1, h), labels.reshape(-1), weights.reshape(-1), chunk)
+    features = model.apply({"params": params}, picked.reshape(-1, h), method=Ettin.head)
+    loss_sum, correct, count = decoder_cross_entropy(
+        features, params["tok_embeddings"]["embedding"], params["decoder_bias"], labels.reshape(-1),
+        weights.reshape(-1), chunk)
     denom = jnp.maximum(count, 1.0)
     loss = loss_sum / denom
     metrics = dict(loss=loss, accuracy=correct / denom, predictions=count,
