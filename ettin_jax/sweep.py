@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -167,17 +168,18 @@ def swept_keys(points: Sequence[Point]) -> list[str]:
     return [k for k in keys if len({repr(p.get(k, missing)) for p in points}) > 1]
 
 
-def _field_exists(config, dotted: str) -> Optional[str]:
-    """None if `config.a.b` names a field of the config, else the first missing part."""
-    node = config
-    for part in dotted.split(".")[1:]:
-        try:
-            fields = node.keys() if hasattr(node, "keys") else ()
-        except Exception:
-            fields = ()
+def missing_field(config, key: str) -> Optional[str]:
+    """None if `config.a.b` names a field of the config, else why not (naming the nearest fields)."""
+    import difflib
+    node, path = config, "config"
+    for part in key.split(".")[1:]:
+        fields = list(node.keys()) if hasattr(node, "keys") else []
         if part not in fields:
-            return part
-        node = node[part]
+            close = difflib.get_close_matches(part, [str(f) for f in fields], n=3)
+            hint = f"; did you mean {' or '.join(repr(f'{path}.{c}') for c in close)}?" if close else (
+                f"; it has {', '.join(map(str, fields[:12]))}{', ...' if len(fields) > 12 else ''}" if fields else f"; {path} is not a config group")
+            return f"the config has no field {key!r} ({path} has no {part!r}{hint})"
+        node, path = node[part], f"{path}.{part}"
     return None
 
 
@@ -192,11 +194,16 @@ def resolve_config(config: str, flags_: Sequence[str]):
     return fv.config
 
 
+@dataclasses.dataclass(eq=False)
 class PlannedPoint:
-    """One point: its name, overrides, workdir, train command, resolved config and state on disk."""
-
-    def __init__(self, name, overrides, workdir, command, config):
-        self.name, self.overrides, self.workdir, self.command, self.config = name, overrides, workdir, command, config
+    """One point: its name, overrides, workdir, train command (`python` first), and the config it trains."""
+    sweep: str
+    index: int
+    name: str
+    overrides: Point
+    workdir: str
+    command: list
+    config: object  # the resolved ml_collections.ConfigDict
 
     @property
     def total_steps(self) -> int:
@@ -240,22 +247,28 @@ def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ())
                              f"{os.path.join(workdir_root, name)!r}; make their overrides differ")
         seen[name] = p
     try:
+        base = resolve_config(config_arg, [])
+    except (Exception, SystemExit) as e:
+        raise SweepError(f"--config={config}: {type(e).__name__}: {e}") from None
+    for flag in common:
+        why = missing_field(base, flag.removeprefix("--").split("=", 1)[0])
+        if why:
+            raise SweepError(f"{flag}: {why}")
+    try:
         base = resolve_config(config_arg, common)
-    except Exception as e:
-        raise SweepError(f"--config={config} {' '.join(common)}: {type(e).__name__}: {e}") from None
+    except (Exception, SystemExit) as e:
+        raise SweepError(f"{' '.join(common)}: {type(e).__name__}: {e}") from None
     root = workdir_root if "://" in workdir_root else os.path.abspath(workdir_root)
     planned = []
     for name, p in zip(names, points):
         for key in p:
-            missing = _field_exists(base, key)
-            if missing is not None:
-                raise SweepError(f"sweep {sweep!r}, point {name!r}: the config has no field {key!r} "
-                                 f"({missing!r} is not in {key.rsplit('.', 1)[0] if '.' in key else 'config'}); "
-                                 f"the point is {p}")
+            why = missing_field(base, key)
+            if why:
+                raise SweepError(f"sweep {sweep!r}, point {name!r} ({p}): {why}")
         flags_ = [*common, *override_flags(p)]
         try:
             resolved = resolve_config(config_arg, flags_)
-        except BaseException as e:  # absl flag errors, and SystemExit from a config that exits
+        except (Exception, SystemExit) as e:  # absl flag errors, and SystemExit from a config that exits
             raise SweepError(f"sweep {sweep!r}, point {name!r}: {' '.join(override_flags(p))}: "
                              f"{type(e).__name__}: {e}") from None
         for key, v in p.items():
@@ -272,7 +285,7 @@ def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ())
         workdir = os.path.join(root, name)
         command = ["python", "-m", "ettin_jax.cli", "train", f"--config={config_arg}", f"--workdir={workdir}",
                    *flags_]
-        planned.append(PlannedPoint(name, p, workdir, command, resolved))
+        planned.append(PlannedPoint(sweep, len(planned), name, p, workdir, command, resolved))
     for pt in planned:
         _check_existing_run(pt)
     return planned
@@ -398,6 +411,7 @@ class _Runner:
 
 def run(points: Sequence[PlannedPoint], *, parallel: int = 1, out=sys.stdout) -> dict[str, str]:
     """Runs the points that are not complete; returns {name: 'skipped' | 'done' | 'failed (rc N)' | 'not run'}."""
+    from ettin_jax import checkpoint
     results = {}
     todo = []
     for pt in points:
@@ -406,12 +420,9 @@ def run(points: Sequence[PlannedPoint], *, parallel: int = 1, out=sys.stdout) ->
             print(f"sweep: {pt.name}: complete (checkpoint at step {pt.total_steps}), skipped", file=out)
         else:
             todo.append(pt)
-    for pt in points:  # the record the report reads (written before training, so a partial point shows too)
-        if pt in todo:
-            from ettin_jax import checkpoint
-            os.makedirs(pt.workdir, exist_ok=True)
-            checkpoint.write_json(pt.workdir, POINT_FILE, dict(name=pt.name, overrides=pt.overrides,
-                                                              command=pt.command))
+    for pt in points:  # the record the report reads (written before training, so a point not yet run shows too)
+        checkpoint.write_json(pt.workdir, POINT_FILE, dict(sweep=pt.sweep, index=pt.index, name=pt.name,
+                                                          overrides=pt.overrides, command=pt.command))
     runner = _Runner(max(1, parallel), out)
     old = {s: signal.signal(s, lambda signum, _: runner.terminate(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -472,6 +483,7 @@ def gather(workdir_root: str) -> tuple[list[str], list[dict]]:
     if not points:
         raise SweepError(f"no sweep points under {workdir_root!r} (folders with {POINT_FILE}); "
                          "run `ettin sweep` with this --workdir_root first")
+    points.sort(key=lambda t: (t[1].get("sweep", ""), t[1].get("index", 0), t[1]["name"]))  # the sweep's order
     keys = swept_keys([p["overrides"] for _, p in points]) or list(dict.fromkeys(
         k for _, p in points for k in p["overrides"]))
     rows = []

@@ -204,8 +204,9 @@ def test_sweep_kill_resume_skip_report(config_file, tmp_path):
         proc.wait()
     assert 60 not in sweep.checkpoint_steps(str(mlm)) and not sweep.checkpoint_steps(str(clm))
 
-    # 2. Started again: the killed point resumes (after its orphaned trainer, told by SIGTERM, has saved and left).
-    r = _ettin(*args, timeout=300)
+    # 2. Started again (two points at a time): the killed point resumes, after its orphaned trainer (told by
+    # SIGTERM when the sweep died) has saved and left; the other starts.
+    r = _ettin(*args, "--parallel=2", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "objective=mlm: resuming, partial" in r.stdout
     assert "resumed from step" in r.stdout
