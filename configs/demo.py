@@ -12,9 +12,10 @@ Sweeps (`get_sweep`; each point is this config plus its overrides, in its own wo
     ettin sweep --config=configs/demo.py --sweep=mask_rate --workdir_root=runs/mask_rate
     ettin sweep-report --workdir_root=runs/lr        # table (markdown, CSV) and a plot per swept value
 
-lr: the pair at peak LR 1e-3 / 3e-3 (the demo's, Ettin's 17m-68m) / 1e-2; 3 points, ~12 minutes on 2 CPU cores.
-mask_rate: the encoder alone at MLM mask rates 15% (BERT's) / 30% (Ettin's, after ModernBERT) / 40%, the question
-behind Ettin's choice of 30%; 3 points, ~8 minutes. Append `--config.total_steps=30` for a smoke run of either.
+lr: the pair at peak LR 1e-3 / 3e-3 (the demo's, Ettin's 17m-68m) / 1e-2; 3 demo runs, ~12 minutes on 2 idle CPU
+cores (estimated from the demo's 4). mask_rate: the encoder alone at MLM mask rates 15% (BERT's) / 30% (Ettin's,
+after ModernBERT) / 40%, the question behind Ettin's choice of 30%; 3 encoder-only demo runs, under 12 minutes.
+Append `--config.total_steps=30` (or any `--config.x=y`, applied to every point) for a smoke run of either.
 """
 from ettin_jax import recipe
 from ettin_jax.sweep import product

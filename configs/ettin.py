@@ -15,7 +15,8 @@ Sweeps (`get_sweep`; each point is the config plus its overrides, in its own wor
     ettin sweep-report --workdir_root=runs/grid
 
 size_objective: sizes tiny and 17m x objectives mlm (encoder) and clm (decoder), at demo scale: 30 steps of 8 x 256
-tokens, the bundled 8192-token BPE's vocabulary, no batch-size warmup; 4 points, ~4 minutes on 2 CPU cores.
+tokens, the bundled 8192-token BPE's vocabulary, no batch-size warmup; 4 points, 11.5 minutes measured on 2 CPU
+cores shared with other jobs (load ~11; the tiny points ~1 minute each, the 17m ones ~4.5), a few on idle ones.
 """
 from ettin_jax import recipe
 from ettin_jax.sweep import product
