@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ettin_jax import flops, sharding, train
+from ettin_jax import checkpoint, flops, sharding, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import losses, small  # noqa: E402
@@ -185,10 +185,24 @@ def test_checkpoint_saved_on_2x2x2_continues_on_8x1x1(runs, tmp_path):
     shutil.copytree(src, work)
     shutil.rmtree(os.path.join(work, "checkpoints", str(STEPS)))  # keep step 3, saved on (2, 2, 2)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["3"]
-    logs = []
+    logs, restored = [], []
+    original = checkpoint.Checkpoints.restore_latest
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        restored.append(out[1])
+        return out
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flops, "peak_flops_per_device", lambda: (1e12, "test"))
+        mp.setattr(checkpoint.Checkpoints, "restore_latest", spy)
         train.train(config((8, 1, 1)), work, allow_config_change=True, log=logs.append)
+    # The state was read straight onto the new mesh's shardings (pure data parallel: every leaf whole on every
+    # device), not onto the (2, 2, 2) layout it was saved from.
+    (state,) = restored
+    for tree in (state["params"], state["opt_state"]):
+        for x in jax.tree_util.tree_leaves(tree):
+            assert dict(x.sharding.mesh.shape) == dict(data=8, fsdp=1, sequence=1, tensor=1)
+            assert x.sharding.is_fully_replicated, x.sharding
     assert any(str(l).startswith("resumed from step 3") for l in logs), logs
     assert any("mesh {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}" in str(l) for l in logs), logs
     want, got = both_losses(src), both_losses(work)
