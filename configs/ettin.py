@@ -42,7 +42,10 @@ def get_config(arg=None):
         c.global_batch_size, c.seq_len, c.total_steps = 8, min(c.seq_len, 256), 20
         c.log_every_steps, c.checkpoint_every_steps = 5, 10
         c.model.dtype = "float32"
-        c.schedule.warmup_tokens = 2 * 8 * 256
+        c.schedule.warmup_tokens = 2.0 * 8 * 256
+        c.schedule.warmup_frac = c.schedule.decay_frac = 0.0
+        c.batch_size_warmup.tokens = 0.0  # the real warmups span billions of tokens
+        c.checkpoint_every_tokens = 0.0
     return c
 
 
