@@ -75,7 +75,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
                              f"product {known}")
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh ({shown()}) needs {math.prod(sizes)} devices, but {num_devices} are in use; make "
+        raise ValueError(f"mesh ({shown()}) has {math.prod(sizes)} devices, but {num_devices} are available; make "
                          f"the product {num_devices} (or set one axis to -1)")
     return tuple(sizes)
 

@@ -74,7 +74,7 @@ def test_mesh_shape_fills_and_names_the_numbers():
     assert sharding.mesh_shape(cfg(data=-1), 8) == (8, 1, 1, 1)
     assert sharding.mesh_shape(cfg(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 1, 2)
     assert sharding.mesh_shape(cfg(data=2, fsdp=-1, sequence=2), 8) == (2, 2, 2, 1)
-    with pytest.raises(ValueError, match=r"data=2, fsdp=2, sequence=1, tensor=1\) needs 4 devices, but 8"):
+    with pytest.raises(ValueError, match=r"data=2, fsdp=2, sequence=1, tensor=1\) has 4 devices, but 8"):
         sharding.mesh_shape(cfg(data=2, fsdp=2), 8)
     with pytest.raises(ValueError, match="8 devices are not divisible by the fixed axes' product 3"):
         sharding.mesh_shape(cfg(data=-1, tensor=3), 8)
@@ -95,7 +95,7 @@ def test_mesh_selects_devices():
 
 @pytest.mark.multidevice
 @pytest.mark.parametrize("mesh, change, message", [
-    ((2, 2, 1), {}, r"needs 4 devices, but 8 are in use"),
+    ((2, 2, 1), {}, r"has 4 devices, but 8 are available"),
     ((1, 1, 8), {}, r"the tensor axis \(8\) does not divide num_heads \(4\)"),
     ((1, 2, 4), {"model.intermediate_size": 130}, r"the tensor axis \(4\) does not divide intermediate_size "
                                                    r"\(GLU width\) \(130\)"),
