@@ -11,5 +11,8 @@ RUNS=${1:-runs}
 OUT=${2:-experiments/results/demo}
 bash experiments/pretrain_pair.sh demo "$RUNS/demo"
 bash experiments/cross_objective.sh demo "$RUNS/demo" "$RUNS/demo-cross"
-python experiments/compare.py --out="$OUT" "$RUNS/demo" "$RUNS/demo-cross" \
-  --command="bash experiments/eval_demo.sh $RUNS $OUT"
+# Demo-scale fine-tuning budgets: 3 epochs of classification at 96 tokens, 60 contrastive steps.
+python experiments/compare.py --out="$OUT" --epochs=3 --max_len=96 --contrastive_steps=60 \
+  "$RUNS/demo" "$RUNS/demo-cross" --command="bash experiments/eval_demo.sh $RUNS $OUT"
+cp "$RUNS/demo/metrics.jsonl" "$OUT/metrics_pair.jsonl"
+cp "$RUNS/demo-cross/metrics.jsonl" "$OUT/metrics_cross.jsonl"

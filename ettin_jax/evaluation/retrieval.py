@@ -119,5 +119,5 @@ def rank(embedder: Embedder, queries: Mapping[str, str], corpus: Mapping[str, st
 
 
 def evaluate(embedder: Embedder, queries: Mapping[str, str], corpus: Mapping[str, str],
-             qrels: Mapping[str, Mapping[str, float]], k: int = 10) -> dict:
-    return metrics.retrieval_scores(rank(embedder, queries, corpus, k), qrels, k)
+             qrels: Mapping[str, Mapping[str, float]], k: int = 10, query_len: int = 64, doc_len: int = 128) -> dict:
+    return metrics.retrieval_scores(rank(embedder, queries, corpus, k, query_len, doc_len), qrels, k)

@@ -86,12 +86,17 @@ def glue_split(task: str, split: str, glue_dir: Optional[str]) -> list[dict]:
 
 def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Optional[str] = None,
         pll: bool = False, finetune: classification.FinetuneConfig = classification.FinetuneConfig(),
-        contrastive: retrieval.ContrastiveConfig = retrieval.ContrastiveConfig(), log=print) -> dict:
-    """Runs one task on one model; returns its metrics (floats)."""
+        contrastive: retrieval.ContrastiveConfig = retrieval.ContrastiveConfig(), limit: Optional[int] = None,
+        log=print) -> dict:
+    """Runs one task on one model; returns its metrics (floats). `limit`: only the first items of a
+    multiple-choice task (a cheaper, noisier score)."""
     kind = kind_of(name)
     if kind == "multiple_choice":
         likelihood.require_scorer(model, pll, name)
-        return likelihood.multiple_choice(model, read_jsonl(f"{name}.jsonl", data_dir), pll=pll, task=name)
+        items = read_jsonl(f"{name}.jsonl", data_dir)[:limit]
+        out = likelihood.multiple_choice(model, items, pll=pll, task=name, max_len=contrastive.doc_len)
+        out["n"] = len(items)
+        return out
     if kind == "pronouns":
         with open(os.path.join(data_dir or DATA_DIR, "pronoun_templates.json")) as f:
             return pronouns.probe(model, json.load(f))
@@ -113,8 +118,9 @@ def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Op
     qrels = {}
     for r in read_jsonl(f"{name}_qrels.jsonl", data_dir):
         qrels.setdefault(r["query_id"], {})[r["doc_id"]] = r["score"]
-    zero = retrieval.evaluate(retrieval.Embedder(model), queries, corpus, qrels)
+    lens = dict(query_len=contrastive.query_len, doc_len=contrastive.doc_len)
+    zero = retrieval.evaluate(retrieval.Embedder(model), queries, corpus, qrels, **lens)
     tuned = retrieval.contrastive_fine_tune(model, read_jsonl(f"{name}_train.jsonl", data_dir), contrastive, log=log)
-    out = retrieval.evaluate(tuned, queries, corpus, qrels)
+    out = retrieval.evaluate(tuned, queries, corpus, qrels, **lens)
     out.update({f"zero_shot_{k}": v for k, v in zero.items()})
     return out
