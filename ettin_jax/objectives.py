@@ -180,8 +180,21 @@ def prediction_targets(objective: Objective, batch):
     return positions, batch["mlm_labels"], batch["mlm_weights"]
 
 
-def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=None, chunk: int = 1024):
-    """Mean CE over the predicting positions of `batch`, plus metrics (loss, accuracy, counts)."""
+def prediction_count(objective: Objective, batch):
+    """How many positions of `batch` predict (the denominator of the mean CE)."""
+    _, _, weights = prediction_targets(objective, batch)
+    if "row_weights" in batch:
+        weights = weights * batch["row_weights"][:, None]
+    return jnp.sum(weights.astype(jnp.float32))
+
+
+def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=None, chunk: int = 1024,
+            normalizer=None):
+    """Mean CE over the predicting positions of `batch`, plus metrics (loss, accuracy, counts).
+
+    normalizer: divide the sums by this count instead of the batch's own (gradient accumulation: the whole
+    batch's count, so that summed micro-batch losses equal the full batch's mean exactly).
+    """
     inputs = batch["mlm_inputs"] if objective.masked_inputs else batch["tokens"]
     deterministic = dropout_rng is None
     hidden = model.apply({"params": params}, inputs, mask=objective.mask, segment_ids=batch["segment_ids"],
@@ -199,7 +212,7 @@ def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=No
     loss_sum, correct, count = decoder_cross_entropy(
         features, params["tok_embeddings"]["embedding"], params["decoder_bias"], labels.reshape(-1),
         weights.reshape(-1), chunk)
-    denom = jnp.maximum(count, 1.0)
+    denom = jnp.maximum(count if normalizer is None else normalizer, 1.0)
     loss = loss_sum / denom
     metrics = dict(loss=loss, accuracy=correct / denom, predictions=count,
                    tokens=jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)))

@@ -105,7 +105,8 @@ def stable_adamw(
         raise ValueError(f"stable_adamw: weight_decay must be >= 0, got {weight_decay!r}")
 
     def init_fn(params):
-        zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # fp32 moments even for bf16 params
+        # fp32 moments even for bf16 params; zeros_like keeps each parameter's sharding (FSDP shards the moments).
+        zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)
         return StableAdamWState(
             count=jnp.zeros([], jnp.int32),
             mu=jax.tree.map(zeros, params),

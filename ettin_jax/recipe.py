@@ -59,7 +59,9 @@ def base() -> ml_collections.ConfigDict:
     c.init_mode = "none"  # none | full (weights + optimizer, phases 2-3) | weights (cross-objective)
     c.cross_objective = ml_collections.ConfigDict(dict(encoder_objective="mlm"))
     c.data = default_data_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # -1 fills the rest; num_devices -1 = all; dcn_* split an axis across slices (multi-slice TPU).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1, num_devices=-1,
+                                            dcn_data=1, dcn_fsdp=1))
     c.sharding_rules = ()
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000

@@ -154,7 +154,7 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
     modules = {arch: Ettin(cfg) for arch, cfg in models.items()}
     n_micro = (config.global_batch_size // config.micro_batch_size) if config.micro_batch_size else 1
 
-    def losses(params, batch, step):
+    def losses(params, batch, step, normalizers=None):
         total, metrics = 0.0, {}
         for i, (arch, name) in enumerate(sorted(objs.items())):
             obj = objectives.get_objective(name)
@@ -162,7 +162,8 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
             if models[arch].attention_dropout > 0:
                 rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step), i)
             loss, m = objectives.loss_fn(params[arch], batch, model=modules[arch], objective=obj,
-                                         dropout_rng=rng, chunk=config.ce_chunk)
+                                         dropout_rng=rng, chunk=config.ce_chunk,
+                                         normalizer=None if normalizers is None else normalizers[arch])
             total = total + loss
             metrics.update({f"{arch}/{k}": v for k, v in m.items()})
         return total, metrics
@@ -170,23 +171,22 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
     def grads_and_metrics(params, batch, step):
         if n_micro == 1:
             return jax.value_and_grad(losses, has_aux=True)(params, batch, step)
-        # Gradient accumulation: equal-size micro-batches, averaged (each loss is a per-micro-batch mean).
-        micro = jax.tree_util.tree_map(lambda x: x.reshape(n_micro, -1, *x.shape[1:]), batch)
+        # Gradient accumulation. Each micro-batch's CE sum is divided by the whole batch's prediction count, so the
+        # summed losses and gradients equal the full batch's mean exactly (up to fp32 summation order). Strided
+        # micro-batches (rows i, i+n, i+2n, ...) span every data shard, so no device idles.
+        counts = {arch: objectives.prediction_count(objectives.get_objective(o), batch) for arch, o in objs.items()}
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def one(mb):
+            return jax.value_and_grad(losses, has_aux=True)(params, mb, step, counts)
 
         def body(acc, mb):
-            (loss, m), g = jax.value_and_grad(losses, has_aux=True)(params, mb, step)
-            return jax.tree_util.tree_map(jnp.add, acc, (loss, m, g)), None
+            return jax.tree_util.tree_map(jnp.add, acc, one(mb)), None
 
-        zero = jax.eval_shape(lambda: jax.value_and_grad(losses, has_aux=True)(
-            params, jax.tree_util.tree_map(lambda x: x[0], micro), step))
-        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
-        (loss, m, g), _ = jax.lax.scan(body, zero, micro)
-        scale = lambda t: jax.tree_util.tree_map(lambda x: x / n_micro, t)
-        m = scale(m)
-        for arch in objs:  # counts add up rather than average
-            for k in ("predictions", "tokens"):
-                m[f"{arch}/{k}"] = m[f"{arch}/{k}"] * n_micro
-        return (loss / n_micro, m), scale(g)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, first))
+        ((loss, m), g), _ = jax.lax.scan(body, zero, micro)
+        return (loss, m), g
 
     def step_fn(params, opt_state, batch, step, tokens_seen):
         (loss, metrics), grads = grads_and_metrics(params, batch, step)

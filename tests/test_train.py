@@ -193,3 +193,20 @@ def test_bad_configs_fail_before_compiling(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train.train(small(**override), str(tmp_path), log=lambda *_: None)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_and_remat_give_the_same_losses(tmp_path):
+    """Micro-batches (strided, normalised by the whole batch's count) and rematerialisation change nothing."""
+    two = {"mesh.num_devices": 2}  # micro-batches of 2 rows split over 2 data shards
+    train.train(small("paired", steps=3, **two), str(tmp_path / "base"), log=lambda *_: None)
+    train.train(small("paired", steps=3, micro_batch_size=2, **two), str(tmp_path / "accum"), log=lambda *_: None)
+    train.train(small("paired", steps=3, **{"model.remat": "full"}, **two), str(tmp_path / "remat"),
+                log=lambda *_: None)
+    ref = losses(tmp_path / "base")
+    for run in ("accum", "remat"):
+        for key in ("encoder/loss", "decoder/loss"):
+            got, want = losses(tmp_path / run, key), losses(tmp_path / "base", key)
+            for step in want:
+                assert got[step] == pytest.approx(want[step], rel=1e-5), (run, key, step)
+    assert ref  # three logged steps
