@@ -238,6 +238,9 @@ def load_initial(config, models, fresh_params, tx, log):
     src = config.init_from
     if os.path.exists(os.path.join(src, "config.json")) and not os.path.exists(os.path.join(src, "models.json")):
         from ettin_jax import hf
+        if config.init_mode == "full":
+            raise ConfigError(f"init_from={src} is a Hugging Face folder, which has no optimizer state; "
+                              "use --config.init_mode=weights")
         hf_params, hf_cfg, hf_arch = hf.load_hf_folder(src)
         source = {hf_arch: hf_params}
         source_opt = None
@@ -250,8 +253,7 @@ def load_initial(config, models, fresh_params, tx, log):
         source = restored["params"]
         source_opt = None
         if config.init_mode == "full":
-            if "opt_state" not in [p.name for p in (
-                    __import__("pathlib").Path(ck.directory) / str(step)).iterdir()]:
+            if not os.path.isdir(os.path.join(ck.directory, str(step), "opt_state")):
                 ck.close()
                 raise ConfigError(f"init_from={src}: checkpoint {step} has no optimizer state (an import?); "
                                   "use --config.init_mode=weights")
@@ -265,28 +267,30 @@ def load_initial(config, models, fresh_params, tx, log):
         log(f"initialising from {src} step {step} ({config.init_mode})")
     params = {}
     for arch in models:
-        from_arch = arch if arch in source else recipe.cross_source(arch)
-        if config.init_mode == "weights" and config.phase == "cross":
-            from_arch = recipe.cross_source(arch) if recipe.cross_source(arch) in source else arch
-        if from_arch not in source:
+        # Cross-objective runs start each architecture from the other one; phases continue the same one.
+        order = (recipe.cross_source(arch), arch) if config.phase == "cross" else (arch, recipe.cross_source(arch))
+        from_arch = next((a for a in order if a in source), None)
+        if from_arch is None:
             raise ConfigError(f"init_from={src} holds {sorted(source)}; nothing to start the {arch} from")
-        expected = fresh_params[arch]
-        got = source[from_arch]
-        bad = [jax.tree_util.keystr(p) for p, a, b in zip(
-            *zip(*jax.tree_util.tree_flatten_with_path(expected)[0]),
-            jax.tree_util.tree_leaves(got)) if a.shape != b.shape] if (
-            jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(got)) else ["(tree structure)"]
-        if bad:
+        mismatch = _first_mismatch(fresh_params[arch], source[from_arch])
+        if mismatch:
             raise ConfigError(f"init_from={src}: the {from_arch} does not fit the configured {arch} "
-                              f"(size {config.size}); first mismatch {bad[0]}")
+                              f"(size {config.size}): {mismatch}")
         params[arch] = jax.tree_util.tree_map(lambda x, ref: jax.device_put(jnp.asarray(x, ref.dtype), ref.sharding),
-                                              got, expected)
+                                              source[from_arch], fresh_params[arch])
         if from_arch != arch:
             log(f"cross-objective: the {arch} starts from the {from_arch}'s weights")
-    opt_state = None
-    if source_opt is not None:
-        opt_state = source_opt
-    return params, opt_state
+    return params, source_opt
+
+
+def _first_mismatch(expected, got) -> Optional[str]:
+    """The first parameter whose shape differs (or a note that the trees differ), None when they fit."""
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(got):
+        return "the parameter trees differ (other layers or names)"
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree_util.tree_leaves(got)):
+        if tuple(a.shape) != tuple(b.shape):
+            return f"{jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, expected {tuple(a.shape)}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- loop
