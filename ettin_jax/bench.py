@@ -208,7 +208,8 @@ def main(argv, subcommand=None) -> int:
 
     fv = flags.FlagValues()  # private: the other subcommands' flags never clash with these
     config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "ettin.py"),
-                                    "config file, with big_vision-style :args", lock_config=True, flag_values=fv)
+                                    "config file, with big_vision-style :args", lock_config=True, flag_values=fv,
+                                    sys_argv=argv)
     flags.DEFINE_integer("steps", 10, "timed calls (the median is reported)", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "untimed calls after compilation", flag_values=fv)
     flags.DEFINE_boolean("forward", True, "also time the inference forward (no head)", flag_values=fv)
