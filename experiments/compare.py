@@ -46,6 +46,10 @@ def stderr(p, n):
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
+def say(c):
+    return "a **tie** (within 2 standard errors)" if c == "tie" else f"**{c}**"
+
+
 def compare(a, b, n):
     """'ahead' / 'behind' / 'tie' for score a vs b (accuracy-like, n items; tie within 2 standard errors)."""
     se = math.sqrt(stderr(a, n) ** 2 + stderr(b, n) ** 2)
@@ -126,7 +130,7 @@ def verdict(rows, results):
         if not (enc and dec):
             continue
         s_enc, s_dec = results["scores"][enc["name"]], results["scores"][dec["name"]]
-        lines.append(f"**Size {size}** ({enc['params'] / 1e6:.2f}M parameters per model):")
+        lines.append(f"**Size {size}{' (configs/demo.py)' if size == 'tiny' else ''}** ({enc['params'] / 1e6:.2f}M parameters per model):")
         checks = []
         if "austen_novel" in s_enc:
             n = 360
@@ -134,14 +138,14 @@ def verdict(rows, results):
             c = compare(a, b, n)
             checks.append(c == "ahead")
             lines.append(f"- classification (austen_novel accuracy, n={n}): encoder {a:.3f} vs decoder {b:.3f}: "
-                         f"the encoder is **{c}** (paper: ahead); majority class {s_enc['austen_novel']['majority']:.3f}")
+                         f"the encoder is {say(c)} (paper: ahead); majority class {s_enc['austen_novel']['majority']:.3f}")
         if "stdlib_docstring" in s_enc:
             a, b = s_enc["stdlib_docstring"]["ndcg@10"], s_dec["stdlib_docstring"]["ndcg@10"]
             ma, mb = s_enc["stdlib_docstring"]["mrr@10"], s_dec["stdlib_docstring"]["mrr@10"]
             c = compare(ma, mb, 200)  # MRR is a mean of per-query values in [0, 1]; the binomial SE bounds it
             checks.append(c == "ahead")
             lines.append(f"- retrieval (stdlib_docstring after contrastive fine-tuning, 200 queries): nDCG@10 "
-                         f"encoder {a:.3f} vs decoder {b:.3f}, MRR@10 {ma:.3f} vs {mb:.3f}: the encoder is **{c}** "
+                         f"encoder {a:.3f} vs decoder {b:.3f}, MRR@10 {ma:.3f} vs {mb:.3f}: the encoder is {say(c)} "
                          "(paper: ahead)")
         for t in GEN_TASKS:
             if t in s_enc:
@@ -149,7 +153,7 @@ def verdict(rows, results):
                 c = compare(a, b, s_dec[t]["n"])
                 checks.append(c == "ahead")
                 lines.append(f"- generation ({t} accuracy by likelihood, n={s_dec[t]['n']}, chance {s_dec[t]['chance']:.2f}): "
-                             f"decoder {a:.3f} vs encoder (PLL) {b:.3f}: the decoder is **{c}** (paper: ahead)")
+                             f"decoder {a:.3f} vs encoder (PLL) {b:.3f}: the decoder is {say(c)} (paper: ahead)")
         if "pronouns" in s_enc:
             a, b = s_enc["pronouns"]["neutral"], s_dec["pronouns"]["neutral"]
             lines.append(f"- pronouns: neutral share encoder {a:.3f} vs decoder {b:.3f} (paper: encoders choose the "
@@ -186,9 +190,11 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=128, help="classification fine-tuning length (tokens)")
     p.add_argument("--contrastive_steps", type=int, default=150)
     p.add_argument("--reuse", action="store_true", help="skip evaluations already in OUT/cache/")
+    p.add_argument("--report_only", action="store_true", help="evaluate nothing: write the report from OUT/cache/")
     p.add_argument("--which", default=None, choices=["encoder", "decoder"], help="only this model of each workdir")
     p.add_argument("--eval_only", action="store_true", help="evaluate into OUT/cache/ and stop (for parallel runs)")
     p.add_argument("--limit", type=int, default=None, help="first N items of each multiple-choice task")
+    p.add_argument("--contrastive_lr", type=float, default=1e-4)
     p.add_argument("--query_len", type=int, default=64)
     p.add_argument("--doc_len", type=int, default=128, help="retrieval document / likelihood-task length")
     p.add_argument("--command", default=None, help="the command line to record in the report")
@@ -201,13 +207,14 @@ def main(argv=None):
         label = f"{config.get('size')}-{config.get('phase')}"
         runs[label] = (config, metrics)
         names.append(label)
-    contrastive = retrieval.ContrastiveConfig(steps=args.contrastive_steps, query_len=args.query_len,
+    contrastive = retrieval.ContrastiveConfig(steps=args.contrastive_steps, lr=args.contrastive_lr,
+                                              query_len=args.query_len,
                                               doc_len=args.doc_len)
     cache_dir = os.path.join(args.out, "cache")
     os.makedirs(cache_dir, exist_ok=True)
     for w, label in zip(args.workdirs, names):
         tag = f"{label}_{args.which or 'all'}_{args.tasks.replace(',', '+')}"
-        if args.reuse and os.path.exists(os.path.join(cache_dir, tag + ".json")):
+        if args.report_only or (args.reuse and os.path.exists(os.path.join(cache_dir, tag + ".json"))):
             continue
         part = runner.evaluate_paths(
             [w], args.tasks.split(","), names=[label], which=args.which, pll=True, limit=args.limit,
@@ -229,7 +236,8 @@ def main(argv=None):
             results["scores"].setdefault(name, {}).update(scores)
     results["scores"] = {m: results["scores"][m] for m in sorted(results["scores"])}
     results["settings"] = dict(epochs=args.epochs, max_len=args.max_len, lrs=args.lrs,
-                               contrastive_steps=args.contrastive_steps, query_len=args.query_len,
+                               contrastive_steps=args.contrastive_steps, contrastive_lr=args.contrastive_lr,
+                               query_len=args.query_len,
                                doc_len=args.doc_len, limit=args.limit)
     rows = []
     for name, info in results["models"].items():
@@ -247,7 +255,8 @@ def main(argv=None):
     report = [
         "# Encoder vs decoder on the bundled tasks", "",
         "Made by:", "", "```", args.command or "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), "```", "",
-        f"Evaluation took {minutes:.1f} minutes on this machine. Tasks and data: `data/eval/README.md`; protocol: "
+        f"Evaluation took {sum(results['seconds'].values()) / 60:.1f} minutes of process time (parallel "
+        f"processes, a shared 2-core machine). Settings: {results['settings']}. Tasks and data: `data/eval/README.md`; protocol: "
         "`ettin_jax/evaluation/` (classification: fine-tuned, decoupled AdamW, 6% warmup + linear decay, mean "
         "pooling; retrieval: mean pooling, contrastive fine-tuning with in-batch negatives at scale 20, held-out "
         "stdlib; generation: zero-shot multiple choice by log-likelihood, encoders by masked pseudo-log-likelihood; "
