@@ -58,15 +58,21 @@ def compare(a, b, n):
     return "ahead" if a > b else "behind"
 
 
-def plot_losses(runs, path):
+def plot_losses(runs, workdirs, path):
+    """Loss vs tokens; a continuation (init_from one of the other workdirs) starts where its source ended."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    end = {os.path.abspath(w): (runs[label][1][-1]["step"] * runs[label][0]["global_batch_size"]
+                                * runs[label][0]["seq_len"] if runs[label][1] else 0)
+           for label, w in workdirs.items()}
     for label, (config, metrics) in runs.items():
         tokens_per_step = config["global_batch_size"] * config["seq_len"]
+        offset = end.get(os.path.abspath(config.get("init_from") or "/nonexistent"), 0)
         for arch, style in (("encoder", "-"), ("decoder", "--")):
-            pts = [(m["step"] * tokens_per_step, m[f"{arch}/loss"]) for m in metrics if f"{arch}/loss" in m]
+            pts = [(offset + m["step"] * tokens_per_step, m[f"{arch}/loss"]) for m in metrics
+                   if f"{arch}/loss" in m]
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{label} {arch} ({'MLM' if arch == 'encoder' else 'CLM'})")
-    ax.set_xlabel("tokens seen (per model)")
+    ax.set_xlabel("tokens seen (per model; cross-objective runs continue from their source)")
     ax.set_ylabel("training loss (nats)")
     ax.set_title("The pair's training losses on shared axes")
     ax.legend(fontsize=7)
@@ -248,7 +254,7 @@ def main(argv=None):
     results["roles"] = {r["name"]: r["role"] for r in rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot_losses({k: v for k, v in runs.items()}, os.path.join(args.out, "losses.png"))
+    plot_losses(runs, dict(zip(names, args.workdirs)), os.path.join(args.out, "losses.png"))
     plot_scores(rows, os.path.join(args.out, "scores.png"))
     lines, overall = verdict(rows, results)
     minutes = (time.time() - start) / 60
