@@ -15,7 +15,7 @@ positions):
 Ours: the jitted `train.make_train_step` (StableAdamW) with donated state, called directly (ettin_jax.bench);
 theirs: model(**inputs).loss.backward(); torch.optim.AdamW.step(); zero_grad. Each round times `--steps` calls of
 ours then `--steps` of theirs; medians over all rounds; the ratio is ours over theirs in tokens/s. Peak memory is
-each side's peak RSS (ru_maxrss) in a fresh subprocess per workload that builds, compiles and runs 2 steps.
+each side's peak RSS (VmHWM) in a fresh subprocess per workload that builds, compiles and runs 2 steps.
 MFU counts the FLOPs the model needs (ettin_jax.flops: sliding windows as windows, sparse MLM head) for both
 sides, against the best fp32 matmul rate measured during the run.
 """
@@ -176,7 +176,17 @@ def memory_child(side, name):
     step, _, _ = (ours if side == "ours" else theirs)(name)
     for _ in range(2):
         _block(step())
-    print(json.dumps(dict(peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+    print(json.dumps(dict(peak_rss_bytes=_vm_hwm())))
+
+
+def _vm_hwm():
+    """This process's peak RSS: VmHWM of its own address space. (ru_maxrss is not used: on Linux a child started
+    from a large parent reports the parent's high-water mark.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_rss(side, name):
@@ -237,7 +247,7 @@ def write_results(path, results, peak, argv, loads):
                      f"{mfu(o):.0%} | {mfu(t):.0%} |")
     mem = {n: r for n, r in results.items() if "memory" in r}
     if mem:
-        lines += ["", "Peak memory: each side's peak resident set size (ru_maxrss) in a fresh subprocess that builds "
+        lines += ["", "Peak memory: each side's peak resident set size (VmHWM) in a fresh subprocess that builds "
                   "the model, compiles and runs two steps (ours also: XLA's compiled memory analysis is in "
                   "`ettin bench`).", "", "| workload | ours peak RSS | transformers peak RSS | ours / theirs |",
                   "|---|---|---|---|"]
