@@ -52,6 +52,7 @@ def test_same_command_twice_gives_identical_losses(tmp_path):
     assert set(checkpoint.load_models(str(tmp_path / "a"))) == {"encoder", "decoder"}
 
 
+@pytest.mark.slow
 def test_paired_run_trains_both_on_the_same_batches(tmp_path):
     logs = []
     out = train.train(small(steps=2), str(tmp_path), log=logs.append)
@@ -145,6 +146,7 @@ def test_nan_stops_with_last_good_checkpoint_intact(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_nan_skip_policy_keeps_going(tmp_path):
     c = small("clm", steps=3, nonfinite="skip", **{"optimizer.peak_lr": 1e30})
     c.schedule.warmup_tokens = 1.0
