@@ -454,7 +454,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
 
         def finish(pending_item):
             nonlocal last_metrics, stopped
-            s, m_dev, ntok, nflops = pending_item
+            s, m_dev, ntok, nflops, batch_hash = pending_item
             m = jax.device_get(m_dev)
             window["tokens"] += ntok
             window["flops"] += nflops
@@ -470,6 +470,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 out = {k: float(v) for k, v in m.items() if k != "nonfinite"}
                 out.update(tokens_per_sec=window["tokens"] / dt, step_time=dt / window["steps"],
                            mfu=window["flops"] / dt / (peak * n_devices), tokens_seen=tokens_seen)
+                if batch_hash:  # this step's batch (this host's rows on a multi-host run): compare runs with it
+                    out["batch_hash"] = batch_hash
                 writer.write(s + 1, out)
                 last_metrics = out
                 losses = "  ".join(f"{a} {out[f'{a}/loss']:.3f}" for a in sorted(objs))
@@ -505,7 +507,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 params, opt_state, m = jstep(params, opt_state, gbatch, jnp.int32(step), jnp.float32(tokens_seen))
                 if pending is not None:
                     finish(pending)
-                pending = (step, m, ntok, nflops)
+                pending = (step, m, ntok, nflops, record.get("hash") if record else None)
                 tokens_seen += ntok
                 step += 1
                 if bar:
