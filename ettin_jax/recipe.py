@@ -68,7 +68,7 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_every_tokens = 8.5e9  # Ettin keeps a checkpoint every 8.5B tokens
     c.keep_last = 3
     c.nonfinite = "stop"  # stop | skip: what a NaN/inf loss does
-    c.ce_chunk = 4096
+    c.ce_chunk = 512  # rows of logits per cross-entropy chunk: as fast as 4096 on CPU, 8x less memory
     return c
 
 
