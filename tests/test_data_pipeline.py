@@ -74,16 +74,51 @@ def test_start_step_without_state_matches(tmp_path):
     assert_batches_equal(take(pipe.iterator(start_step=3), 2), full[3:])
 
 
-@pytest.mark.parametrize("hosts", [4, 8])
-def test_hosts_concatenate_to_the_single_host_batch(tmp_path, hosts):
-    single = take(_pipe(tmp_path, batch=8).iterator(), 3)
-    parts = [take(_pipe(tmp_path, batch=8, shard_index=i, shard_count=hosts).iterator(), 3) for i in range(hosts)]
+@pytest.mark.parametrize("hosts, num_streams", [(4, 4), (8, 8)])  # the host count must divide num_streams
+def test_hosts_concatenate_to_the_single_host_batch(tmp_path, hosts, num_streams):
+    single = take(_pipe(tmp_path, batch=8, num_streams=num_streams).iterator(), 3)
+    parts = [take(_pipe(tmp_path, batch=8, shard_index=i, shard_count=hosts, num_streams=num_streams).iterator(), 3)
+             for i in range(hosts)]
     for step in range(3):
         for k in ("tokens", "segment_ids", "positions", "mlm_inputs", "mlm_positions", "mlm_labels", "mlm_weights"):
             np.testing.assert_array_equal(np.concatenate([p[step][k] for p in parts]), single[step][k], err_msg=k)
         rows = [r for p in parts for r in p[step]["provenance"]["rows"]]
         assert rows == single[step]["provenance"]["rows"]
         assert data.batch_hash([r["hash"] for r in rows]) == single[step]["provenance"]["hash"]
+
+
+@pytest.mark.parametrize("batch", [8, 2])  # 8 rows: 2 per stream and step; 2 rows: streams take turns
+def test_each_host_runs_only_its_own_streams(tmp_path, batch):
+    """Host h of H builds rows only in streams [h * S / H, (h + 1) * S / H): 1/H of the streams, rows and reads."""
+    steps, num_streams = 6, 4
+    single = _pipe(tmp_path, batch=batch, mlm_rate=0.0)
+    it = single.iterator()
+    take(it, steps)
+    total = single.stats()
+    total_rows = sum(st["rows_out"] for st in it.get_state()["streams"].values())
+    assert total_rows == steps * batch
+    for hosts in (1, 2, 4):
+        if batch % hosts:
+            continue
+        reads = 0
+        for h in range(hosts):
+            pipe = _pipe(tmp_path, batch=batch, mlm_rate=0.0, shard_index=h, shard_count=hosts)
+            it = pipe.iterator()
+            take(it, steps)
+            state = it.get_state()["streams"]
+            own = list(range(h * num_streams // hosts, (h + 1) * num_streams // hosts))
+            assert sorted(map(int, state)) == own, (hosts, h)
+            # Rows built (handed out or made and dropped) and documents tokenized: this host's share only.
+            assert sum(st["rows_out"] for st in state.values()) == total_rows // hosts, (hosts, h)
+            reads += pipe.stats()["documents_read"]
+        assert reads == total["documents_read"], hosts
+
+
+def test_host_count_must_divide_the_streams(tmp_path):
+    with pytest.raises(ValueError, match=r"shard_count=3 does not divide data.num_streams=4.*num_streams"):
+        _pipe(tmp_path, batch=6, shard_count=3)
+    with pytest.raises(ValueError, match=r"global_batch_size=6 is not divisible by shard_count=4"):
+        _pipe(tmp_path, batch=6, shard_count=4)
 
 
 def test_worker_count_does_not_change_batches(tmp_path):

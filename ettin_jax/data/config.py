@@ -19,7 +19,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle = True              # per-epoch document shuffle within each source
     c.packing = True              # False: one chunk per row, padded
     c.num_open_rows = 64          # packer pool size (more: denser rows, more reordering)
-    c.num_streams = 16            # fixed packing streams; fixes the data whatever the host count
+    c.num_streams = 16            # fixed packing streams (the data depends on it, not on the host count);
+                                  # the host count must divide it: each host packs its own share
     c.num_workers = 0             # > 0: a background thread prefetches this many batches
     c.min_chunk_tokens = 32       # Ettin drops chunks under 32 tokens
     c.backfill_tail = True        # a long document's short tail is back-filled from the previous chunk

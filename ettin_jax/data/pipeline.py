@@ -9,15 +9,21 @@ size, N), whatever the host count or worker count:
 * Streams. That sequence is dealt round-robin into a FIXED number `num_streams` (S) of independent packing streams:
   stream s takes documents s, s + S, s + 2S, ... Each stream tokenizes, chunks and packs its own documents into
   rows, sequentially and on its own.
-* Rows. Global row g (counting rows of all steps, g = N * B + r for row r of step N's batch of B rows) is row
-  g // S of stream g % S. A host holding rows [i * B / n, (i + 1) * B / n) of every step runs only the streams
-  those rows come from; S, not the host count, fixes the data, so 1, 4 or 8 hosts see the same global batch.
+* Rows. The B rows of a step and the S streams are cut into G = gcd(B, S) groups, in order: group j is rows
+  [j * B/G, (j + 1) * B/G) of every step and streams [j * S/G, (j + 1) * S/G). Within a group the rows, counted
+  over steps (q = N * B/G + i for row i of the group at step N), are dealt round-robin to its streams: row q is row
+  q // (S/G) of stream j * S/G + q % (S/G). So with S dividing B, stream s makes B/S contiguous rows of every step;
+  with B dividing S, each row position takes S/B streams in turn. Host h of H holds rows [h * B/H, (h + 1) * B/H)
+  of every step, which are whole groups, and runs only streams [h * S/H, (h + 1) * S/H): it reads and tokenizes
+  only its own documents, 1/H of the work. That needs H to divide S and B (checked before training). Neither the
+  host count nor the worker count enters the mapping, so 1, 4 or 8 hosts see the same global batch.
 * MLM masks are drawn per row from a Philox generator keyed by (seed, N, r) (masking.py).
 
 State. A stream's state is its document cursor, the chunk it is in, the rows it has handed out and its packer's
 open rows as chunk keys (document position, part, chunk index) — JSON, a few KB per stream; documents are
-re-read and re-tokenized on restore. The iterator's state is {step, streams, fingerprint}; `iterator(start_step=N)`
-without a state replays the streams from the start (cost: tokenizing everything up to step N on this host).
+re-read and re-tokenized on restore. The iterator's state is {step, this host's streams, fingerprint, shard};
+`iterator(start_step=N)` without a state replays this host's streams from the start (cost: tokenizing this host's
+share of everything up to step N), which is how a run resumes on a different host count.
 """
 import collections
 import dataclasses
@@ -193,7 +199,7 @@ class _Stream:
         return chunks, pieces
 
     def row(self, k):
-        """Row k of this stream (rows before it that this host does not need are made and dropped)."""
+        """Row k of this stream; rows before it are made and dropped (only when starting at a step without state)."""
         if k < self.rows_out:
             raise RuntimeError(f"stream {self.s}: row {k} asked after row {self.rows_out - 1} was handed out")
         while self.rows_out < k:
@@ -311,6 +317,9 @@ class Pipeline:
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self.host_batch_size = self.global_batch_size // self.shard_count
         self.num_streams = int(cfg.num_streams)
+        # Rows and streams split into gcd(B, S) groups (the module docstring); a host holds whole groups.
+        groups = math.gcd(self.global_batch_size, self.num_streams)
+        self.rows_per_group, self.streams_per_group = self.global_batch_size // groups, self.num_streams // groups
         self.tokenizer = tokenizer
         self._stats = DataStats()
         # Tokenized documents, shared by all streams and iterators of this pipeline (FIFO within a token budget),
@@ -409,12 +418,17 @@ class Pipeline:
             return out
         out = []
         for r in range(first, first + b):
-            g = step * self.global_batch_size + r
-            s, k = g % self.num_streams, g // self.num_streams
+            s, k = self.stream_row(step, r)
             if s not in streams:
                 streams[s] = _Stream(self, s)
             out.append(streams[s].row(k))
         return out
+
+    def stream_row(self, step: int, r: int):
+        """(stream, row of that stream) that row r of step `step`'s global batch comes from (module docstring)."""
+        group, i = divmod(r, self.rows_per_group)
+        q = step * self.rows_per_group + i
+        return group * self.streams_per_group + q % self.streams_per_group, q // self.streams_per_group
 
     def _batch(self, step, streams):
         rows = self._rows(step, streams)
@@ -472,8 +486,8 @@ def make_pipeline(data_config, *, seq_len: int, global_batch_size: int, seed: in
     """Validates `data_config` and the run's shapes, opens every source, and returns this host's Pipeline.
 
     Raises ValueError, naming the offending value, before any training starts: missing paths, empty sources,
-    weights <= 0, seq_len too short for chunking, a batch not divisible by the host count, a tokenizer whose special
-    ids differ from `data_config.special_ids`. `tokenizer` overrides `data_config.tokenizer` (tests).
+    weights <= 0, seq_len too short for chunking, a batch or `num_streams` not divisible by the host count, a
+    tokenizer whose special ids differ from `data_config.special_ids`. `tokenizer` overrides `data_config.tokenizer` (tests).
     """
     cfg = data_config
     _check(int(seq_len) >= max(3, int(cfg.min_chunk_tokens)),
@@ -482,9 +496,16 @@ def make_pipeline(data_config, *, seq_len: int, global_batch_size: int, seed: in
     _check(int(shard_count) > 0 and 0 <= int(shard_index) < int(shard_count),
            f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     _check(int(global_batch_size) % int(shard_count) == 0,
-           f"global_batch_size={global_batch_size} is not divisible by shard_count={shard_count}")
+           f"global_batch_size={global_batch_size} is not divisible by shard_count={shard_count} (the host count); "
+           f"set config.global_batch_size to a multiple of {shard_count}")
     _check(0.0 <= float(mlm_rate) < 1.0, f"mlm_rate must be in [0, 1), got {mlm_rate}")
     _check(int(cfg.num_streams) >= 1, f"num_streams must be >= 1, got {cfg.num_streams}")
+    if not cfg.replay_path:
+        s, h = int(cfg.num_streams), int(shard_count)
+        _check(s % h == 0,
+               f"shard_count={h} does not divide data.num_streams={s}: each host packs its own equal share of the "
+               f"streams; set config.data.num_streams to a multiple of {h} (e.g. {s + (-s) % h}; a new value gives "
+               f"other batches, so choose it for the largest host count the run will use)")
     _check(int(cfg.num_workers) >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
