@@ -229,6 +229,20 @@ def test_provenance_writer_resume_without_duplicates_and_cli(tmp_path):
     assert batches[0]["provenance"]["rows"][0]["pieces"][0][1] in out.stdout
 
 
+def test_batches_cli_help_and_bad_flags(capsys):
+    from ettin_jax.data import provenance
+    assert provenance.main(["ettin batches", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ettin batches --workdir=DIR --step=N") and "--json" in out
+    assert provenance.main(["ettin batches", "--no_such_flag=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no_such_flag" in err and "ettin batches --help" in err
+    assert provenance.main(["ettin batches", "--step=notanint"]) == 2
+    assert "notanint" in capsys.readouterr().err
+    assert provenance.main(["ettin batches", "--step=3"]) == 2  # no --workdir
+    assert "--workdir and --step are required" in capsys.readouterr().err
+
+
 def test_orbax_checkpoint_of_the_iterator(tmp_path):
     import grain
     import orbax.checkpoint as ocp

@@ -80,12 +80,24 @@ def read_step(workdir, step: int, steps_per_file: int = 1000) -> dict:
     return {"step": step, "hosts": sorted(hosts), "rows": rows, "hash": batch_hash([r["hash"] for r in rows])}
 
 
+USAGE = "--workdir=DIR --step=N [--json]"
+
+
 def main(argv, subcommand=None):
-    """`ettin batches --workdir=DIR --step=N`."""
+    """`ettin batches --workdir=DIR --step=N`; returns the exit status (--help: 0; a bad flag: one line, 2)."""
     del subcommand
-    FLAGS(argv)
+    prog = argv[0] if argv else "ettin batches"
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(f"usage: {prog} {USAGE}\n\n{FLAGS.get_help()}")
+        return 0
+    FLAGS.unparse_flags()  # a second call in one process must not see the first call's values
+    try:
+        FLAGS(argv)
+    except flags.Error as e:
+        print(f"{prog}: error: {e} (see `{prog} --help`)", file=sys.stderr)
+        return 2
     if FLAGS.workdir is None or FLAGS.step is None:
-        print("usage: ettin batches --workdir=DIR --step=N [--json]", file=sys.stderr)
+        print(f"{prog}: error: --workdir and --step are required; usage: {prog} {USAGE}", file=sys.stderr)
         return 2
     try:
         rec = read_step(FLAGS.workdir, FLAGS.step)
