@@ -1,5 +1,6 @@
 """Evaluation on tiny models: likelihoods against a hand-rolled forward, retrieval ranking, the classifier beating
 the majority class, bad input (wrong architecture, unknown task, label set vs head), and `ettin eval` end to end."""
+import importlib.resources
 import json
 import os
 import sys
@@ -75,6 +76,80 @@ def test_unknown_task_names_the_known_ones():
 def test_glue_without_local_data_says_so():
     with pytest.raises(FileNotFoundError, match="never downloads"):
         tasks.glue_split("sst2", "train", None)
+
+
+def _local_glue(data_dir, configs=("sst2", "mrpc"), n_train=64, n_val=24):
+    """GLUE's layout and feature names (glue/<task>/2.0.0, ClassLabel `label`, int32 `idx`) for a few tasks,
+    prepared locally in ArrayRecord by a builder of our own (nothing downloaded, no TensorFlow). SST-2 sentences
+    carry their label in a word, so a classifier can learn them."""
+    sys.modules.setdefault("importlib_resources", importlib.resources)  # TFDS's preparation looks it up
+    tfds = pytest.importorskip("tensorflow_datasets")
+    fields = {"sst2": ("sentence",), "mrpc": ("sentence1", "sentence2")}
+    names = {"sst2": ["negative", "positive"], "mrpc": ["not_equivalent", "equivalent"]}
+
+    class Glue(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("2.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in configs]
+
+        def _info(self):
+            feats = {f: tfds.features.Text() for f in fields[self.builder_config.name]}
+            feats.update(label=tfds.features.ClassLabel(names=names[self.builder_config.name]), idx=np.int32)
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats),
+                                         disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(n_train, 0), "validation": self._generate_examples(n_val, 1)}
+
+        def _generate_examples(self, n, offset):
+            words = ("awful dreadful", "lovely splendid")
+            for i in range(n):
+                label = (i * 7 + offset) % 3 % 2
+                ex = {f: f"{words[label]} text {i} {f}" for f in fields[self.builder_config.name]}
+                yield i, dict(ex, label=label, idx=i)
+
+    for c in configs:
+        Glue(config=c, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return str(data_dir)
+
+
+@pytest.mark.slow
+def test_glue_through_tfds_end_to_end(tmp_path, pair):
+    """GLUE's code path on a local ArrayRecord copy: pairs joined with [SEP], labels as class ids, a classifier
+    fine-tuned on train and scored on validation."""
+    glue_dir = _local_glue(tmp_path / "tfds")
+    mrpc = tasks.glue_split("mrpc", "validation", glue_dir)
+    assert len(mrpc) == 24 and mrpc[0]["text"] == (
+        "lovely splendid text 0 sentence1 [SEP] lovely splendid text 0 sentence2")
+    assert {ex["label"] for ex in mrpc} == {0, 1}
+    out = tasks.run("glue/sst2", pair["encoder"], glue_dir=glue_dir, log=None,
+                    finetune=classification.FinetuneConfig(lrs=(1e-3,), epochs=4, max_len=32, batch_size=16))
+    assert out["majority"] == pytest.approx(metrics.majority_baseline(
+        [ex["label"] for ex in tasks.glue_split("sst2", "train", glue_dir)],
+        [ex["label"] for ex in tasks.glue_split("sst2", "validation", glue_dir)]))
+    assert out["accuracy"] == 1.0, out  # the label is in the words
+
+
+def test_glue_prepared_as_tfrecord_is_one_clear_line(tmp_path, capsys):
+    """A default `tfds build` writes TFRECORD, which tfds.data_source cannot read without TensorFlow: the error
+    names the format found and the command that rebuilds it, in the library and through `ettin eval`. (Writing
+    TFRECORD needs TensorFlow, so the copy is an ArrayRecord one whose metadata says TFRECORD, as TFDS would.)"""
+    glue_dir = _local_glue(tmp_path / "tfds", configs=("sst2",), n_train=4, n_val=2)
+    version = tmp_path / "tfds" / "glue" / "sst2" / "2.0.0"
+    for f in version.glob("glue-*"):
+        f.rename(version / f.name.replace("array_record", "tfrecord"))
+    info = json.loads((version / "dataset_info.json").read_text())
+    (version / "dataset_info.json").write_text(json.dumps(dict(info, fileFormat="tfrecord")))
+    rebuild = f"tfds build glue/sst2 --data_dir={glue_dir} --file_format=array_record"
+    with pytest.raises(ValueError, match="prepared as tfrecord.*needs array_record") as e:
+        tasks.glue_split("sst2", "train", glue_dir)
+    assert rebuild in str(e.value)
+    capsys.readouterr()  # TFDS's progress bars
+    assert eval_cli.main(["ettin eval", f"--workdir={tmp_path / 'no-model-needed'}", "--tasks=glue/sst2",
+                          f"--glue_dir={glue_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and rebuild in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="--file_format=array_record"):  # the hint for missing data
+        tasks.glue_split("mrpc", "train", glue_dir)
 
 
 def test_label_set_that_does_not_match_the_head(pair):

@@ -16,9 +16,12 @@ from ettin_jax.evaluation.models import load_models
 
 def evaluate_paths(paths: Sequence[str], task_names: Sequence[str], *, which: Optional[str] = None,
                    names: Optional[Sequence[str]] = None, log=print, **kw) -> dict:
-    """Every model at each path (both of a paired workdir) on every task. Task names are checked first, so an
-    unknown one fails before any model is loaded."""
+    """Every model at each path (both of a paired workdir) on every task. Task names and GLUE data are checked
+    first, so an unknown task or unreadable GLUE data fails before any model is loaded."""
     task_names = tasks_lib.resolve(task_names)
+    for t in task_names:
+        if t.startswith("glue/"):
+            tasks_lib.check_glue(t.split("/", 1)[1], kw.get("glue_dir"))
     out = dict(models={}, scores={}, seconds={})
     for i, path in enumerate(paths):
         for model in load_models(path, which=which, name=names[i] if names else None):

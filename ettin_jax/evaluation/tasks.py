@@ -3,10 +3,13 @@
 Bundled tasks (data/eval/, see its README): `austen_novel` (classification), `stdlib_docstring` (retrieval),
 `austen_cloze` and `stdlib_nextline` (zero-shot multiple choice by likelihood), `pronouns` (pronoun preference).
 GLUE tasks (`glue/sst2`, `glue/cola`, ...) read TFDS-prepared data from a local `--glue_dir` and are used only when
-it is present; nothing is ever downloaded.
+it is present; nothing is ever downloaded. The data must be ArrayRecord, which `tfds.data_source` reads without
+TensorFlow: `tfds build glue/sst2 --data_dir=DIR --file_format=array_record` (TFDS's default, TFRECORD, is refused
+with that command).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Optional
@@ -65,18 +68,47 @@ def read_jsonl(name: str, data_dir: Optional[str] = None) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def glue_command(task: str, data_dir: str = "DIR") -> str:
+    """The command that prepares `glue/<task>` the way `glue_split` reads it (ArrayRecord, random access)."""
+    return f"tfds build glue/{task} --data_dir={data_dir} --file_format=array_record"
+
+
+def check_glue(task: str, glue_dir: Optional[str]) -> str:
+    """The folder of the prepared `glue/<task>` under `glue_dir`; a clear error if it is missing or in a format
+    `tfds.data_source` cannot read. TFDS builds TFRECORD by default, and random access without TensorFlow needs
+    ArrayRecord, so a default `tfds build` gives data this code cannot read."""
+    how = f"prepare it elsewhere with `{glue_command(task)}` and copy DIR here; this code never downloads it"
+    task_dir = os.path.join(glue_dir or "", "glue", task)
+    if not glue_dir or not os.path.isdir(task_dir):
+        raise FileNotFoundError(f"GLUE task {task!r} needs TFDS-prepared data: --glue_dir=DIR with DIR/glue/{task}/ "
+                                f"(got --glue_dir={glue_dir!r}, no {task_dir}); {how}")
+    infos = sorted(glob.glob(os.path.join(task_dir, "*", "dataset_info.json")))
+    if not infos:
+        raise FileNotFoundError(f"{task_dir} holds no prepared version (no */dataset_info.json); {how}")
+    with open(infos[-1]) as f:
+        fmt = json.load(f).get("fileFormat", "tfrecord")  # TFDS omits the field for its default, TFRECORD
+    if fmt != "array_record":
+        raise ValueError(f"{os.path.dirname(infos[-1])} is prepared as {fmt}, but reading it without TensorFlow "
+                         f"needs array_record; rebuild it with `{glue_command(task, glue_dir)}`")
+    return os.path.dirname(infos[-1])
+
+
 def glue_split(task: str, split: str, glue_dir: Optional[str]) -> list[dict]:
     """{text, label} examples of a GLUE task from TFDS-prepared data under `glue_dir` (never downloads).
 
-    Pairs are joined with the tokenizer's separator text ' [SEP] '. Labels are TFDS's integer class ids.
+    The data must be in ArrayRecord (`glue_command`); pairs are joined with the tokenizer's separator text
+    ' [SEP] '. Labels are TFDS's integer class ids.
     """
-    if not glue_dir or not os.path.isdir(os.path.join(glue_dir, "glue")):
-        raise FileNotFoundError(f"GLUE task {task!r} needs TFDS-prepared data: --glue_dir=DIR with DIR/glue/{task}/ "
-                                f"(got {glue_dir!r}); this code never downloads it (prepare it elsewhere with "
-                                f"`tfds build glue/{task} --data_dir=DIR` and copy it)")
+    if task not in GLUE or GLUE[task][1] is None:
+        kind_of(f"glue/{task}")  # the error naming the known tasks
+    version_dir = check_glue(task, glue_dir)
     import tensorflow_datasets as tfds
     fields, _ = GLUE[task]
-    source = tfds.data_source(f"glue/{task}", data_dir=glue_dir, split=split, download=False)
+    try:
+        source = tfds.data_source(f"glue/{task}", data_dir=glue_dir, split=split, download=False)
+    except NotImplementedError as e:  # a format check_glue did not foresee: still one clear line
+        raise ValueError(f"{version_dir} cannot be read by tfds.data_source ({str(e).splitlines()[0]}); rebuild it "
+                         f"with `{glue_command(task, glue_dir)}`") from None
 
     def text(ex, f):
         v = ex[f]
