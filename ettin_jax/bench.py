@@ -214,11 +214,13 @@ def main(argv, subcommand=None) -> int:
     flags.DEFINE_integer("warmup", 2, "untimed calls after compilation", flag_values=fv)
     flags.DEFINE_boolean("forward", True, "also time the inference forward (no head)", flag_values=fv)
     flags.DEFINE_boolean("json", False, "print the figures as JSON on the last line", flag_values=fv)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        print(f"ettin bench: {e}\nusage: ettin bench --config=configs/ettin.py:size=17m,objective=mlm "
-              "[--config.seq_len=1024 ...] [--steps=N] [--json]", file=sys.stderr)
+    from ettin_jax import cli
+    rest = cli.parse_flags(fv, argv, "--config=configs/ettin.py:size=17m,objective=mlm [--config.seq_len=1024 ...] "
+                                     "[--steps=N] [--warmup=N] [--json]")
+    if isinstance(rest, int):
+        return rest
+    if rest:
+        print(f"ettin bench: error: unexpected arguments {' '.join(rest)}", file=sys.stderr)
         return 2
     if fv.steps < 1 or fv.warmup < 0:
         print(f"ettin bench: --steps={fv.steps} --warmup={fv.warmup}; expected steps >= 1, warmup >= 0",

@@ -6,6 +6,8 @@ absl flags at import time, so only the flags of the chosen subcommand exist in a
 import importlib
 import sys
 
+from absl import flags
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("ettin_jax.train", "train a model (any size, objective, phase) from a config"),
@@ -20,6 +22,28 @@ SUBCOMMANDS = {
     "sweep": ("ettin_jax.sweep", "run every point of a config sweep (locally, or print TPU commands)"),
     "sweep-report": ("ettin_jax.sweep", "gather a sweep's final metrics into a table and plots"),
 }
+
+
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull")
+
+
+def parse_flags(fv, argv: list[str], usage_line: str):
+    """Parses a subcommand's private absl FlagValues: its positional arguments, or an exit status.
+
+    `--help` prints `usage_line` and the flags and gives 0; an unknown or malformed flag is one line on stderr (the
+    error and the usage) and gives 2. So every subcommand answers `ettin SUBCOMMAND --help` the same way, never
+    with a traceback.
+    """
+    prog = argv[0] if argv else "ettin"
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(f"usage: {prog} {usage_line}\n\n{fv.get_help()}")
+        return 0
+    fv.unparse_flags()  # a second call in one process must not see the first call's values
+    try:
+        return fv(argv)[1:]
+    except flags.Error as e:
+        print(f"{prog}: error: {e}; usage: {prog} {usage_line} (see `{prog} --help`)", file=sys.stderr)
+        return 2
 
 
 def usage() -> str:

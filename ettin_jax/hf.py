@@ -77,6 +77,23 @@ def hf_config(cfg: ModelConfig, arch: str) -> dict:
     return d
 
 
+def _local_attention(hf: dict, arch: str) -> int:
+    """The total sliding window (HF `local_attention`), from `local_attention` or the decoder's `sliding_window`
+    (= local_attention // 2); both present must agree."""
+    total, half = hf.get("local_attention"), hf.get("sliding_window") if arch == "decoder" else None
+    if total is None and half is None:
+        raise ConversionError("config.json: no sliding-window width (looked for local_attention"
+                              + (" and sliding_window" if arch == "decoder" else "") + "); refusing to guess")
+    if total is not None and (not isinstance(total, int) or total <= 0 or total % 2):
+        raise ConversionError(f"config.json: local_attention={total!r}, expected a positive even window")
+    if half is not None and (not isinstance(half, int) or half <= 0):
+        raise ConversionError(f"config.json: sliding_window={half!r}, expected a positive integer")
+    if total is not None and half is not None and half != total // 2:
+        raise ConversionError(f"config.json: sliding_window={half} disagrees with local_attention={total} "
+                              f"(expected sliding_window = local_attention // 2 = {total // 2})")
+    return total if total is not None else 2 * half
+
+
 def model_config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str]:
     """(ModelConfig, arch) from a config.json dict, reading old and new transformers field names."""
     model_type = hf.get("model_type")
@@ -101,9 +118,13 @@ def model_config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str]:
                               f"hidden_activation={hf.get('hidden_activation')!r}, "
                               f"classifier_activation={hf.get('classifier_activation')!r}")
     layer_types = hf.get("layer_types")
-    every = hf.get("global_attn_every_n_layers", 3)
+    every = hf.get("global_attn_every_n_layers")
     if not layer_types:
+        if not every:
+            raise ConversionError("config.json: no layer types (looked for layer_types and "
+                                  "global_attn_every_n_layers); refusing to guess which layers are global")
         layer_types = [GLOBAL if i % every == 0 else LOCAL for i in range(layers)]
+    every = every or 3  # only names the pattern in our config; layer_types above is what the model uses
     rope = hf.get("rope_parameters") or {}
     global_theta = (rope.get(GLOBAL) or {}).get("rope_theta", hf.get("global_rope_theta"))
     local_theta = (rope.get(LOCAL) or {}).get("rope_theta", hf.get("local_rope_theta"))
@@ -114,9 +135,7 @@ def model_config_from_hf(hf: dict, **overrides) -> tuple[ModelConfig, str]:
             raise ConversionError(
                 f"config.json: no {name} (looked for rope_parameters[...]['rope_theta'], "
                 "global_rope_theta, local_rope_theta)")
-    local_attention = hf.get("local_attention", 128)
-    if local_attention is None or local_attention % 2:
-        raise ConversionError(f"config.json: local_attention={local_attention!r}, expected an even window")
+    local_attention = _local_attention(hf, arch)
     fields = dict(
         vocab_size=need("vocab_size"), hidden_size=hidden, intermediate_size=need("intermediate_size"),
         num_layers=layers, num_heads=heads, global_every=every, layer_types=tuple(layer_types),
@@ -382,6 +401,7 @@ def main(argv, subcommand=None):
     """`ettin export` and `ettin import`."""
     import sys
     from absl import flags
+    from ettin_jax import cli
 
     fv = flags.FlagValues()
     if subcommand == "export":
@@ -390,14 +410,17 @@ def main(argv, subcommand=None):
                             flag_values=fv)
         flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
         flags.DEFINE_enum("which", None, ["encoder", "decoder"], "which model of a paired workdir", flag_values=fv)
+        usage_line = "--workdir=DIR --out=HF_DIR [--step=N] [--which=encoder|decoder] [--as=encoder|decoder]"
     else:
         flags.DEFINE_string("hf", None, "Hugging Face folder (config.json + model.safetensors)", flag_values=fv)
         flags.DEFINE_string("workdir", None, "new workdir to write", flag_values=fv)
+        usage_line = "--hf=HF_DIR --workdir=NEW_DIR [--as=encoder|decoder]"
     flags.DEFINE_enum("as", None, ["encoder", "decoder"], "load/export as this architecture", flag_values=fv)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
+    rest = cli.parse_flags(fv, argv, usage_line)
+    if isinstance(rest, int):
+        return rest
+    if rest:
+        print(f"{argv[0]}: error: unexpected arguments {' '.join(rest)}", file=sys.stderr)
         return 2
     try:
         if subcommand == "export":
@@ -413,6 +436,6 @@ def main(argv, subcommand=None):
             print(f"imported {fv.hf} into {fv.workdir}; continue training with "
                   f"--config.init_from={fv.workdir} --config.init_mode=weights")
     except (ConversionError, ValueError, FileNotFoundError) as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
+        print(f"{argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0

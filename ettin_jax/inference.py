@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from ettin_jax import attention, hf
+from ettin_jax import attention, cli, hf
 from ettin_jax.model import Ettin, ModelConfig, init_cache
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -289,8 +289,8 @@ flags.DEFINE_float("top_p", 1.0, "sampling nucleus mass", flag_values=FLAGS["gen
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS["generate"])
 
 USAGE = {
-    "fill-mask": "usage: ettin fill-mask --model=PATH [--which=encoder] --text=TEXT [--top_k=5] [--json]",
-    "generate": "usage: ettin generate --model=PATH [--which=decoder] (--prompt=TEXT | --prompt_ids=I,J,...) "
+    "fill-mask": "--model=PATH [--which=encoder] --text=TEXT [--top_k=5] [--json]",
+    "generate": "--model=PATH [--which=decoder] (--prompt=TEXT | --prompt_ids=I,J,...) "
                 "[--max_new_tokens=N] "
                 "[--greedy | --temperature=T --top_p=P --seed=S] [--json]",
 }
@@ -364,12 +364,10 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
               file=sys.stderr)
         return 2
     fv = FLAGS[subcommand]
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(USAGE[subcommand] + "\n\n" + fv.module_help(__name__))
-        return 0
-    fv.unparse_flags()
+    rest = cli.parse_flags(fv, argv, USAGE[subcommand])
+    if isinstance(rest, int):
+        return rest
     try:
-        rest = fv(argv)[1:]
         if rest:
             raise ValueError(f"unexpected arguments {' '.join(rest)}")
         _check_flags(subcommand, fv)
@@ -382,9 +380,6 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
             line = _run_fill_mask(fv, params, cfg, arch, tokenizer)
         else:
             line = _run_generate(fv, params, cfg, arch, tokenizer)
-    except flags.Error as e:
-        print(f"{prog}: error: {e} (see `{prog} --help`)", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,28 @@ def test_old_config_field_names(tmp_path):
     assert cfg.local_rope_theta == 160000.0 and cfg.local_window == 32
 
 
+def test_import_never_assumes_layer_types_or_windows():
+    base = dict(model_type="modernbert-decoder", vocab_size=512, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=4, num_attention_heads=4, global_rope_theta=160000.0, local_rope_theta=10000.0,
+                global_attn_every_n_layers=3, local_attention=128)
+    without = lambda *names: {k: v for k, v in base.items() if k not in names}
+    with pytest.raises(hf.ConversionError, match="no layer types .*layer_types and global_attn_every_n_layers"):
+        hf.model_config_from_hf(without("global_attn_every_n_layers"))
+    with pytest.raises(hf.ConversionError, match="no sliding-window width .*local_attention and sliding_window"):
+        hf.model_config_from_hf(without("local_attention"))
+    # The decoder's own field (half the total window) is read when local_attention is absent, and checked when not.
+    cfg, _ = hf.model_config_from_hf({**without("local_attention"), "sliding_window": 32})
+    assert cfg.local_window == 32
+    with pytest.raises(hf.ConversionError, match=r"sliding_window=32 disagrees with local_attention=128 "
+                                                 r"\(expected sliding_window = local_attention // 2 = 64\)"):
+        hf.model_config_from_hf({**base, "sliding_window": 32})
+    with pytest.raises(hf.ConversionError, match="local_attention=127, expected a positive even window"):
+        hf.model_config_from_hf({**base, "local_attention": 127})
+    # A folder transformers itself writes carries both names, consistently.
+    saved = ModernBertDecoderConfig(**COMMON).to_dict()
+    assert hf.model_config_from_hf(saved)[0].local_window == 64
+
+
 def _folder(tmp_path, arch="encoder"):
     path = tmp_path / "f"
     _hf_model(arch).save_pretrained(path)
