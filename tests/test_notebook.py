@@ -27,6 +27,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "nothing to install" in text
     assert any("image/png" in o.get("data", {}) for o in outputs), "the loss plot is missing"
     assert "transformers fill-mask:" in text and "transformers greedy generate:" in text
+    # The export read back by transformers gives the same answers as ettin_jax (printed, not just shown).
+    assert "same top-1 as ettin_jax: True" in text and "same tokens as ettin_jax: True" in text
     for arch in ("encoder", "decoder"):
         folder = tmp_path / "runs" / "quickstart" / "hf" / arch
         assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
