@@ -16,10 +16,13 @@ Implementations (all computing the same function, tested against `reference_atte
   * `blocked_attention`: sliding-window layers in O(T * w): queries in blocks of `block` against their own and
     the neighbouring key blocks only.
   * `dot_product_attention` with implementation 'cudnn' on GPU (via `jax.nn.dot_product_attention`).
+  * `splash_attention`: the TPU Pallas kernel; on a multi-device mesh inside `jax.shard_map` over the batch and
+    head axes that the active logical-axis rules give the activations (`splash_partition`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -248,30 +251,84 @@ def splash_block_sizes(t: int, block: int = 512):
                              block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
 
 
-def splash_attention(q, k, v, *, segment_ids, band: Band, block: Optional[int] = None,
-                     interpret: Optional[bool] = None):
-    """TPU Pallas splash attention: the band as Full/Causal/LocalMask (blocks outside it are skipped), segment
-    ids as `SegmentIds`. interpret=None runs the kernel in Pallas interpret mode off TPU (tests on CPU).
+# The logical axes of q, k, v [B, T, H, D] (the model constrains q and k to them); `splash_attention` resolves them
+# through the active flax logical-axis rules to find how the batch and the heads are split over the mesh.
+QKV_AXES = ("act_batch", "act_length", "act_heads", None)
 
-    block=None: 128 for sliding windows (a +-64 window touches 3 key tiles of 128 rather than 2 of 512), 512 for
-    global layers.
+
+def _mesh_axes(entry, mesh) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, an axis, or a tuple of axes) -> the axes of it that split anything (size > 1)."""
+    axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def splash_partition(shape) -> Optional[tuple]:
+    """How `splash_attention` splits q, k, v of `shape` [B, T, H, D] over the active mesh, or None (one device).
+
+    Reads the mesh set by `jax.set_mesh` (`jax.sharding.get_abstract_mesh()`) and the logical-axis rules set by
+    `flax.linen.logical_axis_rules`, both active while the train step is traced, so the model never names a device
+    axis. Returns (mesh, qkv spec, segment-ids spec): the batch over the mesh axes `act_batch` maps to, the heads over
+    those of `act_heads`. The sequence is never split inside the kernel: where `act_length` maps to a `sequence` axis
+    > 1, the shard_map's input spec gathers the rows whole (each sequence shard computes the full attention of its
+    rows and heads: correct, but no saving from that axis in the attention op).
     """
+    from jax.sharding import PartitionSpec as P
+    import flax.linen as nn
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    b, _, h, _ = shape
+    spec = nn.logical_to_mesh_axes(QKV_AXES) or P(None, None, None, None)
+    batch, heads = _mesh_axes(spec[0], mesh), _mesh_axes(spec[2], mesh)
+    for what, n, axes in (("batch", b, batch), ("heads", h, heads)):
+        k = math.prod(mesh.shape[a] for a in axes)
+        if n % k:
+            raise ValueError(f"splash attention: the {what} ({n}) is not divisible by the mesh axes {axes} it is "
+                             f"sharded over (product {k}); make it a multiple of {k}")
+    batch, heads = (batch or None), (heads or None)
+    return mesh, P(batch, None, heads, None), P(batch, None)
+
+
+def _splash_local(q, k, v, segment_ids, *, band: Band, block: int, interpret: bool):
+    """The splash kernel on one device's q, k, v [b, T, h, D] (whole rows; splash's own layout is [h, T, D])."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     b, t, h, d = q.shape
-    if block is None:
-        block = 128 if band[0] is not None and band[1] is not None else 512
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     kernel = splash.make_splash_mha(splash_mask(band, t, h), block_sizes=splash_block_sizes(t, block),
                                     head_shards=1, q_seq_shards=1, interpret=interpret)
     scale = jnp.asarray(1.0 / math.sqrt(d), q.dtype)
 
-    def one(qb, kb, vb, seg):  # [T, H, D] -> [H, T, D] (splash's layout); splash does not scale q itself
+    def one(qb, kb, vb, seg):  # [T, H, D] -> [H, T, D]; splash does not scale q itself
         o = kernel(jnp.swapaxes(qb * scale, 0, 1), jnp.swapaxes(kb, 0, 1), jnp.swapaxes(vb, 0, 1),
                    segment_ids=splash.SegmentIds(q=seg, kv=seg))
         return jnp.swapaxes(o, 0, 1)
 
     return jax.vmap(one)(q, k, v, segment_ids)
+
+
+def splash_attention(q, k, v, *, segment_ids, band: Band, block: Optional[int] = None,
+                     interpret: Optional[bool] = None):
+    """TPU Pallas splash attention: the band as Full/Causal/LocalMask (blocks outside it are skipped), segment
+    ids as `SegmentIds`. interpret=None runs the kernel in Pallas interpret mode off TPU (tests on CPU).
+
+    On a mesh of more than one device the kernel runs inside `jax.shard_map` (see `splash_partition`): a Mosaic
+    kernel cannot be partitioned by GSPMD (XLA raises "Mosaic kernels cannot be automatically partitioned"), so
+    each device runs it on its own rows and heads, as MaxText does.
+
+    block=None: 128 for sliding windows (a +-64 window touches 3 key tiles of 128 rather than 2 of 512), 512 for
+    global layers.
+    """
+    if block is None:
+        block = 128 if band[0] is not None and band[1] is not None else 512
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    local = functools.partial(_splash_local, band=band, block=block, interpret=interpret)
+    part = splash_partition(q.shape)
+    if part is None:
+        return local(q, k, v, segment_ids)
+    mesh, qkv_spec, seg_spec = part
+    # check_vma=False: pallas_call has no replication rule (MaxText passes check_rep=False likewise).
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
