@@ -192,11 +192,20 @@ def test_pronoun_probe_counts_every_sentence(pair):
 
 
 @pytest.mark.slow
-def test_classifier_beats_the_majority_class(pair):
-    """A from-scratch tiny model fine-tuned for a few epochs on the bundled task clearly beats always-majority."""
+def test_classifier_beats_the_majority_class_at_demo_scale():
+    """The demo model (configs/demo.py: 4 layers, 128 wide, the bundled tokenizer), from scratch, fine-tuned with
+    the committed report's classification settings (lr 1e-3, 3 epochs, max_len 96, mean pooling) on the bundled
+    task: clearly above always-majority (measured 0.611 vs 0.167; ~55 s of CPU)."""
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    import demo
+    from ettin_jax.train import model_configs
+    config = demo.get_config()
+    cfg = model_configs(config, config.data.special_ids)["encoder"]
+    model = Model("demo:encoder", init_params(cfg, jax.random.key(0)), cfg, "encoder",
+                  TextTokenizer(os.path.join(REPO, "data", "tokenizer")))
     train, test = tasks.read_jsonl("austen_novel_train.jsonl"), tasks.read_jsonl("austen_novel_test.jsonl")
-    clf = classification.fine_tune(pair["encoder"], train, config=classification.FinetuneConfig(
-        lrs=(1e-3,), epochs=3, max_len=64), log=None)
+    clf = classification.fine_tune(model, train, config=classification.FinetuneConfig(
+        lrs=(1e-3,), epochs=3, max_len=96), log=None)
     acc = classification.evaluate(clf, test)["accuracy"]
     majority = metrics.majority_baseline([e["label"] for e in train], [e["label"] for e in test])
     assert acc > majority + 0.1, (acc, majority)
