@@ -277,12 +277,52 @@ def _default_pipe(**kw):
     return data.make_pipeline(data.default_data_config(), **kw)
 
 
+@pytest.mark.slow
 def test_default_corpus_packing_efficiency_at_1024():
-    pipe = _default_pipe(seq_len=1024, global_batch_size=16, seed=0, mlm_rate=0.3)
-    take(pipe.iterator(), 8)
-    stats = pipe.stats()
-    assert stats["packing_efficiency"] >= 0.98, stats
-    assert stats["skipped"] == 0 and stats["documents_used"] > 0
+    """Steady-state packing efficiency >= 98% on the default corpus at 1024 tokens (measured: 99.87%).
+
+    Early rows flatter the packer: only full chunks and nearly full rows leave while its pool of open rows fills
+    (~9k rows), and the rows it closes to make room keep getting emptier until ~30k rows. So this measures rows
+    40k..60k. Reaching them through the pipeline takes a minute per stream, so the stream's chunk lengths are
+    replayed into the same packer: every document tokenized once, chunked by the config's rules, in the pipeline's
+    own document order; the first rows are checked against the pipeline's. One stream sees the whole mixture; each
+    of the default 16 packs a 1-in-16 subsequence of it.
+    """
+    from ettin_jax.data import chunking, packing, pipeline
+    pipe = _default_pipe(seq_len=1024, global_batch_size=16, seed=0, mlm_rate=0.0)
+    cfg = pipe.cfg
+    parts_tokens = {}  # (source, doc) -> token count of each part (documents over max_doc_chars are split)
+    for k, src in enumerate(pipe.sources):
+        docs = [src.load(i, pipe._stats) for i in range(len(src))]
+        assert all(d is not None for d in docs)
+        parts = [pipeline._split_text(d["text"], cfg.max_doc_chars) for d in docs]
+        lengths = iter(map(len, pipe.tokenizer.encode_batch([t for p in parts for t in p])))
+        for i, p in enumerate(parts):
+            parts_tokens[k, i] = [next(lengths) for _ in p]
+    packer = packing.BestFitPacker(1024, cfg.num_open_rows, cfg.min_chunk_tokens)
+    length, rows, pool_full_at = {}, [], None
+    d, warmup, measured = 0, 40_000, 20_000
+    while len(rows) < warmup + measured:
+        k, i = map(int, pipe._doc_refs[d])
+        for part, n in enumerate(parts_tokens[k, i]):
+            for a, b in chunking.chunk_spans(n, 1024, cfg.min_chunk_tokens, cfg.backfill_tail)[0]:
+                length[d, part, a] = b - a + 2
+                packer.add((d, part, a), b - a + 2)
+                if pool_full_at is None and len(packer.open) == cfg.num_open_rows:
+                    pool_full_at = len(rows)
+                while (row := packer.pop()) is not None:
+                    rows.append(sum(length.pop(key) for key in row))
+        d += 1
+    one_stream = cfg.copy_and_resolve_references()
+    one_stream.num_streams = 1
+    real = data.make_pipeline(one_stream, seq_len=1024, global_batch_size=16, seed=0, mlm_rate=0.0)
+    first = take(real.iterator(), 2)
+    assert [int(n) for b in first for n in (b["segment_ids"] > 0).sum(1)] == rows[:32]
+    assert real.stats()["skipped"] == 0 and real.stats()["documents_used"] > 0
+    assert pool_full_at < warmup // 2, pool_full_at  # ~9k rows; the closed rows' fill settles by ~30k
+    steady = rows[warmup:]
+    efficiency = sum(steady) / (1024 * len(steady))
+    assert efficiency >= 0.98, (efficiency, len(steady))
 
 
 def test_default_config_paths_work_from_another_cwd(tmp_path, monkeypatch):

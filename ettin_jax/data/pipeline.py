@@ -487,7 +487,8 @@ def make_pipeline(data_config, *, seq_len: int, global_batch_size: int, seed: in
 
     Raises ValueError, naming the offending value, before any training starts: missing paths, empty sources,
     weights <= 0, seq_len too short for chunking, a batch or `num_streams` not divisible by the host count, a
-    tokenizer whose special ids differ from `data_config.special_ids`. `tokenizer` overrides `data_config.tokenizer` (tests).
+    tokenizer whose special ids differ from `data_config.special_ids`. `tokenizer` overrides `data_config.tokenizer`
+    (tests).
     """
     cfg = data_config
     _check(int(seq_len) >= max(3, int(cfg.min_chunk_tokens)),
