@@ -156,6 +156,14 @@ def test_label_set_that_does_not_match_the_head(pair):
     clf = classification.Classifier(pair["encoder"], None, ("neg", "pos"), "mean", 32)
     with pytest.raises(ValueError, match=r"label 'neutral' \(example 1\).*\['neg', 'pos'\]"):
         classification.evaluate(clf, [dict(text="a", label="pos"), dict(text="b", label="neutral")])
+    # the other direction: a head with a label the data never shows
+    clf3 = classification.Classifier(pair["encoder"], None, ("neg", "pos", "neutral"), "mean", 32)
+    with pytest.raises(ValueError, match=r"test data: the head's labels are \['neg', 'pos', 'neutral'\], but the "
+                                         r"data's label set is \['neg', 'pos'\]: no example of \['neutral'\]"):
+        classification.evaluate(clf3, [dict(text="a", label="pos"), dict(text="b", label="neg")])
+    with pytest.raises(ValueError, match=r"training data: the head's labels .* no example of \['c'\]"):
+        classification.fine_tune(pair["encoder"], [dict(text="a", label="a"), dict(text="b", label="b")],
+                                 labels=("a", "b", "c"), log=None)
     with pytest.raises(ValueError, match="pooling 'last' does not suit a encoder"):
         classification.fine_tune(pair["encoder"], [dict(text="a", label="x")],
                                  config=classification.FinetuneConfig(pooling="last"))

@@ -96,11 +96,19 @@ def make_optimizer(lr: float, steps: int, warmup_frac: float, weight_decay: floa
 
 
 def label_ids(labels: Sequence, head_labels: Sequence, what: str) -> np.ndarray:
+    """Each label's logit index. The data's label set must be the head's, both ways: a label the head lacks
+    cannot be predicted, and a head label the data never shows is a different task (or a mislabelled split)."""
     index = {l: i for i, l in enumerate(head_labels)}
     for i, l in enumerate(labels):
         if l not in index:
             raise ValueError(f"{what}: label {l!r} (example {i}) does not match the head, whose labels are "
                              f"{list(head_labels)}")
+    seen = set(labels)
+    missing = [l for l in head_labels if l not in seen]
+    if missing:
+        raise ValueError(f"{what}: the head's labels are {list(head_labels)}, but the data's label set is "
+                         f"{sorted(seen, key=index.get)}: no example of {missing}; expected every head "
+                         "label in the data (or a head with exactly the data's labels)")
     return np.asarray([index[l] for l in labels], np.int32)
 
 
