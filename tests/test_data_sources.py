@@ -147,6 +147,34 @@ def test_50mb_document_is_split_and_counted(tmp_path):
     assert all(p[3] - p[2] <= 1022 for p in pieces)
 
 
+def test_split_document_token_ranges_count_from_the_document_start(tmp_path):
+    # Byte tokens: a piece [a, b) of document d is d's bytes a..b, whichever part it was tokenized in.
+    words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta"], size=3000)
+    docs = {"long": " ".join(words), "short": "one short document " * 5}
+    path = write_jsonl(tmp_path / "docs.jsonl", list(docs.items()))
+    cfg = _one_source(dict(format="jsonl", path=path), shuffle=False, num_streams=1, max_doc_chars=2000)
+    pipe = _make(cfg, seq_len=256, batch=2)
+    batches = take(pipe.iterator(), 20)
+    assert pipe.stats()["documents_split"] >= 1
+    parts_seen = set()
+    for b in batches:
+        for row, rec in zip(b["tokens"], b["provenance"]["rows"]):
+            at = 0
+            for source, doc_id, start, end in rec["pieces"]:
+                name, _, part = doc_id.partition("#part")
+                parts_seen.add(part)
+                text = docs[name].encode()[start:end].decode()
+                assert TOK.decode(row[at + 1:at + 1 + end - start]) == text, (doc_id, start, end)
+                at += end - start + 2
+    assert {"0", "1", "4"} <= parts_seen
+    # A state saved inside a later part restores the same document-relative ranges.
+    it = pipe.iterator()
+    take(it, 13)
+    again = _make(cfg, seq_len=256, batch=2).iterator()
+    again.set_state(it.get_state())
+    assert [b["provenance"] for b in take(again, 7)] == [b["provenance"] for b in batches[13:]]
+
+
 def test_clear_errors_before_training(tmp_path):
     paths = synthetic_corpus(tmp_path)
     with pytest.raises(ValueError, match="does-not-exist.jsonl"):

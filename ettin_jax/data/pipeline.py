@@ -20,8 +20,8 @@ size, N), whatever the host count or worker count:
 * MLM masks are drawn per row from a Philox generator keyed by (seed, N, r) (masking.py).
 
 State. A stream's state is its document cursor, the chunk it is in, the rows it has handed out and its packer's
-open rows as chunk keys (document position, part, chunk index) — JSON, a few KB per stream; documents are
-re-read and re-tokenized on restore. The iterator's state is {step, this host's streams, fingerprint, shard};
+open rows as chunk keys (document position, part, chunk index) and, inside a split document, where its parts start
+in the document's tokens — JSON, a few KB per stream; documents are re-read and re-tokenized on restore. The iterator's state is {step, this host's streams, fingerprint, shard};
 `iterator(start_step=N)` without a state replays this host's streams from the start (cost: tokenizing this host's
 share of everything up to step N), which is how a run resumes on a different host count.
 """
@@ -73,6 +73,7 @@ class _Unit:
     doc_id: str
     tokens: np.ndarray
     spans: list
+    offset: int  # where this part's tokens start in the document's tokens (0 unless the document was split)
 
 
 class _Stream:
@@ -86,6 +87,7 @@ class _Stream:
                                             enabled=pipe.cfg.packing)
         self.docs = {}   # doc_pos -> list of parts (str to tokenize, or int32 tokens), or None if skipped
         self.units = {}  # (doc_pos, part) -> _Unit
+        self.part_offsets = {}  # (doc_pos, part) -> token offset of that part of a split document
 
     # -- documents -------------------------------------------------------------------------------------------
     def _doc(self, dp):
@@ -142,10 +144,23 @@ class _Stream:
                                                   self.p.cfg.backfill_tail)
             self.p._stats.add("chunks", len(spans))
             self.p._stats.add("chunks_dropped", dropped)
+            offset = 0
             if len(parts) > 1:
                 doc_id = f"{doc_id}#part{part}"
-            self.units[key] = _Unit(source, doc_id, tokens, spans)
+                offset = self._part_offset(dp, part)
+                self.part_offsets[dp, part + 1] = offset + len(tokens)
+            self.units[key] = _Unit(source, doc_id, tokens, spans, offset)
         return self.units[key]
+
+    def _part_offset(self, dp, part):
+        """Token offset of a split document's part: the parts before it are tokenized only if no state says it."""
+        if part == 0:
+            return 0
+        if (dp, part) not in self.part_offsets:
+            before = self._doc(dp)[2][part - 1]
+            n = len(self.p.tokenizer.encode(before)) if isinstance(before, str) else len(before)
+            self.part_offsets[dp, part] = self._part_offset(dp, part - 1) + n
+        return self.part_offsets[dp, part]
 
     def _chunk_len(self, key):
         start, end = self._unit(key[0], key[1]).spans[key[2]]
@@ -193,7 +208,7 @@ class _Stream:
             start, end = unit.spans[ci]
             chunks.append(chunking.make_chunk(unit.tokens, start, end, self.p.tokenizer.cls_id,
                                               self.p.tokenizer.sep_id))
-            pieces.append([unit.source, unit.doc_id, int(start), int(end)])
+            pieces.append([unit.source, unit.doc_id, int(unit.offset + start), int(unit.offset + end)])
         self.rows_out += 1
         self._evict()
         return chunks, pieces
@@ -220,15 +235,19 @@ class _Stream:
             del self.docs[d]
         for key in [key for key in self.units if key[0] < low]:
             del self.units[key]
+        for key in [key for key in self.part_offsets if key[0] < low]:
+            del self.part_offsets[key]
 
     def get_state(self):
         return {"doc_pos": self.doc_pos, "cur": self.cur, "rows_out": self.rows_out,
-                "packer": self.packer.get_state()}
+                "packer": self.packer.get_state(),
+                "part_offsets": [[dp, part, off] for (dp, part), off in sorted(self.part_offsets.items())]}
 
     def set_state(self, state):
         self.doc_pos, self.rows_out = int(state["doc_pos"]), int(state["rows_out"])
         self.cur = list(state["cur"]) if state["cur"] is not None else None
         self.docs, self.units = {}, {}
+        self.part_offsets = {(int(dp), int(part)): int(off) for dp, part, off in state.get("part_offsets", [])}
         self.packer.set_state(state["packer"], self._chunk_len)
 
 

@@ -2,9 +2,11 @@
 
 `ProvenanceWriter(workdir)` appends each step's record (one JSON line: step, host, and for each row its pieces
 [source, doc_id, token_start, token_end] and its hash) to `provenance/host_IIIII/steps_XXXXXX.jsonl`, one file per
-`steps_per_file` steps. Token offsets are into the document's tokens without [CLS]/[SEP], end exclusive. A resumed
-run rewrites from its first step: on its first write into a file the writer drops the lines of that step and after
-(written before the preemption, past the restored checkpoint), so no step appears twice.
+`steps_per_file` steps. Token offsets are into the document's tokens without [CLS]/[SEP], end exclusive; a document
+over `max_doc_chars` is tokenized in parts (its doc_id ends in `#partN`) and its offsets still count from the
+document's first token, in the parts' tokens one after another. A resumed run rewrites from its first step: on its
+first write into a file the writer drops the lines of that step and after (written before the preemption, past the
+restored checkpoint), so no step appears twice.
 
     ettin batches --workdir=DIR --step=N     # the documents of step N's batch and its hash (all hosts merged)
 """
