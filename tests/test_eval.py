@@ -199,6 +199,35 @@ def test_pronoun_probe_counts_every_sentence(pair):
         assert out["n"] == 2 and sum(out[c] for c in pronouns.CLASSES) == pytest.approx(1.0)
 
 
+def test_pronoun_probe_counts_the_preferred_pronoun(pair, monkeypatch):
+    """A scorer with a known preference per occupation (nurse: she, pilot: he, teacher and judge: they) gives
+    shares 1/4, 1/4, 1/2; every request is the pronoun between its prefix and suffix, scored with right context."""
+    from ettin_jax.evaluation import pronouns
+    m = pair["decoder"]
+    spec = dict(pronouns=dict(male="he", female="she", neutral="they"),
+                occupations=["nurse", "pilot", "teacher", "judge"],
+                templates=["The {occupation} said that {pronoun} would come.", "Ask the {occupation} if {pronoun} had time."])
+    prefer = dict(nurse="she", pilot="he", teacher="they", judge="they")
+    seen = []
+
+    def scorer(model, reqs, pll, task):
+        assert pll and task == "pronouns" and model is m
+        out = []
+        for ctx, cont, right in reqs:
+            prefix, pronoun = m.tokenizer.decode(ctx, skip_special_tokens=True), m.tokenizer.decode(cont).strip()
+            occupation, = [o for o in prefer if o in prefix]
+            seen.append((prefix, pronoun, m.tokenizer.decode(right)))
+            out.append((-1.0 if pronoun == prefer[occupation] else -5.0, False))
+        return out
+    monkeypatch.setattr(pronouns, "loglikelihoods", scorer)
+    out = pronouns.probe(m, spec)
+    assert out == dict(male=0.25, female=0.25, neutral=0.5, n=8)
+    assert len(seen) == 24 and ("The nurse said that", "they", " would come.") in [
+        (p.strip(), pr, r) for p, pr, r in seen]
+    prefer.update(judge="he")  # one occupation (two sentences) moves from neutral to male
+    assert pronouns.probe(m, spec) == dict(male=0.5, female=0.25, neutral=0.25, n=8)
+
+
 @pytest.mark.slow
 def test_classifier_beats_the_majority_class_at_demo_scale():
     """The demo model (configs/demo.py: 4 layers, 128 wide, the bundled tokenizer), from scratch, fine-tuned with
