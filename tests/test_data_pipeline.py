@@ -266,6 +266,8 @@ def test_state_from_another_config_or_shard_is_refused(tmp_path):
         _pipe(tmp_path, seed=5).iterator().set_state(state)
     with pytest.raises(ValueError, match="start_step"):
         _pipe(tmp_path, shard_index=1, shard_count=2).iterator().set_state(state)
+    with pytest.raises(ValueError, match=r"state version 1, expected 2.*start_step=1"):
+        _pipe(tmp_path).iterator().set_state(dict(state, version=1))
 
 
 # -- the bundled corpus and the project tokenizer ------------------------------------------------------------------

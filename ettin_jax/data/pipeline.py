@@ -21,9 +21,10 @@ size, N), whatever the host count or worker count:
 
 State. A stream's state is its document cursor, the chunk it is in, the rows it has handed out and its packer's
 open rows as chunk keys (document position, part, chunk index) and, inside a split document, where its parts start
-in the document's tokens — JSON, a few KB per stream; documents are re-read and re-tokenized on restore. The iterator's state is {step, this host's streams, fingerprint, shard};
-`iterator(start_step=N)` without a state replays this host's streams from the start (cost: tokenizing this host's
-share of everything up to step N), which is how a run resumes on a different host count.
+in the document's tokens — JSON, a few KB per stream; documents are re-read and re-tokenized on restore. The
+iterator's state is {version, step, this host's streams, fingerprint, shard}; `iterator(start_step=N)` without a
+state replays this host's streams from the start (cost: tokenizing this host's share of everything up to step N),
+which is how a run resumes on a different host count.
 """
 import collections
 import dataclasses
@@ -44,7 +45,8 @@ from ettin_jax.data import sources as sources_lib
 from ettin_jax.data.stats import DataStats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STATE_VERSION = 1
+# 2: rows map to streams in gcd(B, S) groups (version 1 dealt global rows round-robin) and split-document offsets.
+STATE_VERSION = 2
 # A stream that reads this many unusable documents in a row stops with an error instead of looping.
 _MAX_CONSECUTIVE_BAD = 10_000
 _PROBE_DOCS = 32
@@ -292,7 +294,9 @@ class BatchIterator(grain.DatasetIterator):
     def set_state(self, state: dict):
         pipe = self._pipe
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')}, expected {STATE_VERSION}")
+            raise ValueError(f"data iterator state version {state.get('version')}, expected {STATE_VERSION} (saved "
+                             f"by another version of ettin_jax.data); use Pipeline.iterator(start_step="
+                             f"{state.get('step')}) to replay the stream to that step")
         if state["fingerprint"] != pipe.fingerprint:
             raise ValueError("data iterator state was saved with a different data config, seed, seq_len or batch "
                              f"size (fingerprint {state['fingerprint']} != {pipe.fingerprint}); start fresh or "
