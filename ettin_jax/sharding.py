@@ -122,11 +122,37 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence] = None) -> Mesh:
     if n_slices == 1:
         return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types, devices=devices)
     from jax.experimental import mesh_utils
-    # Slices come from the devices' slice_index (TPU multi-slice); platforms without it use processes as granules.
-    by_process = not hasattr(devices[0], "slice_index")
+    # Slices are TPU slices (slice_index); elsewhere (GPU nodes, CPU processes) each process is one granule. Not
+    # `hasattr(d, "slice_index")`: multi-process CPU devices carry slice_index 0 on every process.
+    by_process = devices[0].platform != "tpu"
+    found = len({d.process_index if by_process else d.slice_index for d in devices})
+    if found != n_slices:
+        raise ValueError(f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {n_slices} slices, but the "
+                         f"{len(devices)} devices are in {found} "
+                         f"{'process(es) (slices off TPU)' if by_process else 'TPU slice(s)'}; make the "
+                         f"product of the dcn_* sizes {found} (1 on a single slice: put its axes in "
+                         "config.mesh.{data,fsdp,...})")
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
                                                  allow_split_physical_axes=True)
     return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def check_workdir(path: str) -> str:
+    """Refuses a workdir that is a URL (gs://, s3://, ...); returns the path unchanged otherwise.
+
+    The trainer writes its workdir with local file I/O (config.json, metrics.jsonl, provenance/, tensorboard/,
+    the tokenizer), which would turn gs://B/x into a local folder named "gs:". A bucket is used through a mount
+    (gcsfuse), which every host of a pod slice sees as the same directory.
+    """
+    scheme, sep, rest = str(path).partition("://")
+    if sep and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        bucket, _, sub = rest.partition("/")
+        mount = f"/mnt/{bucket or 'BUCKET'}"
+        how = f"`gcsfuse --implicit-dirs {bucket} {mount}`" if scheme == "gs" else "a FUSE mount"
+        raise ValueError(f"workdir {path!r} is a {scheme}:// URL, but the workdir is written with local file I/O: "
+                         f"mount the bucket on every host ({how}) and pass the mount path, "
+                         f"--workdir={mount}/{sub} (docs/scaling.md)")
+    return path
 
 
 def validate(model_cfg, mesh: Mesh, global_batch_size: int, *, seq_len: Optional[int] = None,

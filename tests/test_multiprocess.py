@@ -96,3 +96,37 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     for step in (2, STEPS):
         names = sorted(os.listdir(os.path.join(multi, "checkpoints", str(step), "data_iter")))
         assert [n for n in names if n.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+_HYBRID = """
+import json, sys
+from ettin_jax import sharding
+sharding.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=2))
+print(json.dumps(dict(shape=dict(mesh.shape), processes=[sorted({d.process_index for d in row.flat})
+                                                          for row in mesh.devices])))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_hybrid_mesh_puts_the_dcn_axis_across_processes():
+    """config.mesh.dcn_data=2 over two processes of 4 CPU devices (processes stand in for slices: CPU devices have
+    no slice_index): the within-slice sizes resolve against 4 devices (fsdp=-1 -> 4), data spans the 2 slices, and
+    each data row holds exactly one slice's devices, so only `data` crosses the slower network."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
+                                                            "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    env.update(PYTHONPATH=REPO, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _HYBRID, f"localhost:{port}", str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got == dict(shape=dict(data=2, fsdp=4, sequence=1, tensor=1), processes=[[0], [1]]), got

@@ -6,16 +6,20 @@ and its per-step losses are compared with a 1-device mesh inside the same 8-devi
 all-reduced across devices instead of one sum), so the losses agree to fp32 rounding (measured: ~1e-7 relative over
 5 steps at JAX's default CPU matmul precision), well inside the 1e-5 asked.
 """
+import importlib.util
 import math
 import os
+import re
 import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from ettin_jax import checkpoint, flops, sharding, train
+from ettin_jax import checkpoint, flops, model, sharding, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import losses, small  # noqa: E402
@@ -113,11 +117,111 @@ def test_bad_mesh_is_refused_before_compilation(tmp_path, monkeypatch, mesh, cha
         train.train(c, str(tmp_path), log=lambda *_: None)
 
 
+def test_url_workdir_is_refused_with_the_mount_to_use():
+    with pytest.raises(ValueError, match=re.escape("workdir 'gs://my-bucket/runs/1b' is a gs:// URL, but the workdir "
+                                                   "is written with local file I/O: mount the bucket on every host "
+                                                   "(`gcsfuse --implicit-dirs my-bucket /mnt/my-bucket`) and pass the "
+                                                   "mount path, --workdir=/mnt/my-bucket/runs/1b")):
+        sharding.check_workdir("gs://my-bucket/runs/1b")
+    with pytest.raises(ValueError, match="is a s3:// URL"):
+        sharding.check_workdir("s3://b/x")
+    for ok in ("runs/p1", "/mnt/my-bucket/runs/1b", "C:/runs"):
+        assert sharding.check_workdir(ok) == ok
+
+
+@pytest.mark.multidevice
+def test_bad_dcn_factorisation_is_refused():
+    """8 CPU devices in one process are one slice: asking for 2 (or 3) slices names the numbers."""
+    with pytest.raises(ValueError, match=r"ask for 2 slices, but the 8 devices are in 1 process\(es\) \(slices "
+                                         r"off TPU\); make the product of the dcn_\* sizes 1"):
+        sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=2))
+    with pytest.raises(ValueError, match=r"ask for 3 slices, which do not divide the 8 devices"):
+        sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_fsdp=3))
+    with pytest.raises(ValueError, match="must be positive"):
+        sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, dcn_data=0))
+
+
+@pytest.mark.multidevice
+def test_sharding_rules_override_changes_parameter_shardings():
+    """config.sharding_rules is prepended to the defaults: ("embed_out", "tensor") splits head_dense over tensor."""
+    kernel = lambda params: params["encoder"]["head_dense"]["kernel"]
+    default, _ = _state((1, 2, 4))
+    assert kernel(default).sharding.spec == P("fsdp", None)
+    override, _ = _state((1, 2, 4), sharding_rules=(("embed_out", "tensor"),))
+    assert kernel(override).sharding.spec == P("fsdp", "tensor")
+    assert {s.data.shape for s in kernel(override).addressable_shards} == {(128 // 2, 128 // 4)}
+    # Everything else is placed as before.
+    flat = lambda t: {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+    a, b = flat(default), flat(override)
+    assert {k for k in a if a[k] != b[k]} == {"['encoder']['head_dense']['kernel']"}
+
+
+# ------------------------------------------------------------------------------------------------------ remat
+
+
+def test_remat_dots_gives_the_same_loss_and_gradients():
+    """Rematerialisation recomputes, it does not change the function: remat='dots' (matmul outputs saved, the rest
+    recomputed) gives remat='none''s loss and gradients. ('full' is covered by the trainer tests.)"""
+    policy = "dots"
+    cfg = model.ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                            local_window=4, attention_impl="xla")
+    params = model.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 128)
+    seg = jnp.asarray(np.r_[[1] * 10 + [2] * 14, [1] * 20 + [0] * 4].reshape(2, 24))
+
+    def loss(remat, mask):
+        m = model.Ettin(cfg.replace(remat=remat))
+
+        def f(p):
+            logits = m.apply({"params": p}, m.apply({"params": p}, tokens, mask=mask, segment_ids=seg),
+                              method=model.Ettin.predict)
+            return -jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+        return jax.jit(jax.value_and_grad(f))(params)
+    for mask in ("encoder", "decoder"):
+        (want, want_g), (got, got_g) = loss("none", mask), loss(policy, mask)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got_g)[0], jax.tree_util.tree_leaves(want_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"{mask} {jax.tree_util.keystr(path)}")
+    with pytest.raises(ValueError, match="unknown remat policy 'dot'; expected none, full, dots"):
+        loss("dot", "encoder")
+
+
+# ---------------------------------------------------------------------------------------- the memory table
+
+
+def _memory_module():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "memory.py")
+    spec = importlib.util.spec_from_file_location("ettin_memory_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_table_in_docs_is_what_the_script_prints():
+    """docs/scaling.md's per-chip memory table and the 8-chip figures are benchmarks/memory.py's output."""
+    memory = _memory_module()
+    with open(os.path.join(os.path.dirname(memory.__file__), "..", "docs", "scaling.md")) as f:
+        doc = f.read()
+    section = doc[doc.index("## Memory per chip"):]
+    section = section[:section.index("\n## ")]
+    doc_rows = [l for l in section.splitlines() if l.startswith("|")]
+    printed = memory.table(64, "data=1,fsdp=-1,tensor=1", 8192)
+    assert doc_rows == [l for l in printed.splitlines() if l.startswith("|")], printed
+    assert "`python benchmarks/memory.py`" in section and "v5p-128 (64 chips" in section
+    # The 8-chip paragraph: `--chips=8 --mesh=data=1,fsdp=-1`, 1b's state and its totals (none, dots, full).
+    row = next(l for l in memory.table(8, "data=1,fsdp=-1", 8192).splitlines() if l.startswith("| 1b |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    state, totals = cells[8], [f"{float(c):.1f}" for c in cells[12:15]]
+    assert "`python benchmarks/memory.py --chips=8 --mesh=data=1,fsdp=-1`" in section
+    assert f"the 1b state is {state} GiB per chip" in section, (state, section)
+    assert f"1b totals {totals[0]} (remat none), {totals[1]} (dots) and {totals[2]} GiB (full)" in section, totals
+
+
 # ------------------------------------------------------------------------------------------------------- FSDP
 
 
-def _state(mesh):
-    c = config(mesh, objective="mlm")
+def _state(mesh, **kw):
+    c = config(mesh, objective="mlm", **kw)
     models = train.model_configs(c)
     m = sharding.make_mesh(c.mesh)
     tx, _ = train.make_optimizer(c)
