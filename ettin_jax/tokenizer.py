@@ -320,29 +320,23 @@ def _write_hf_configs(out_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Command line.
 
-USAGE = ("usage: ettin tokenizer train --input=PATH [--input=PATH ...] --vocab_size=N --kind=bpe|sentencepiece "
-         "--out=DIR")
+USAGE = "train --input=PATH [--input=PATH ...] --vocab_size=N --kind=bpe|sentencepiece --out=DIR"
 
 
 def main(argv: list[str], subcommand: str | None = None) -> int:
     """`ettin tokenizer train ...`; returns the exit status. Errors are one line on stderr, not a traceback."""
     prog = argv[0] if argv else "ettin tokenizer"
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(USAGE + "\n" + FLAGS.get_help())
-        return 0
-    FLAGS.unparse_flags()  # a second call in one process must not add to the first call's --input list
-    try:
-        positional = FLAGS(argv)[1:]
-    except flags.Error as e:
-        print(f"{prog}: error: {e}\n{USAGE}", file=sys.stderr)
-        return 2
+    from ettin_jax import cli
+    positional = cli.parse_flags(FLAGS, argv, USAGE)  # unparses first: a second call must not add to --input
+    if isinstance(positional, int):
+        return positional
     if positional != ["train"]:
         got = " ".join(positional) or "nothing"
-        print(f"{prog}: error: expected the action `train`, got {got}\n{USAGE}", file=sys.stderr)
+        print(f"{prog}: error: expected the action `train`, got {got}; usage: {prog} {USAGE}", file=sys.stderr)
         return 2
     missing = [f"--{name}" for name in ("input", "out") if not FLAGS[name].value]
     if missing:
-        print(f"{prog}: error: {' and '.join(missing)} required\n{USAGE}", file=sys.stderr)
+        print(f"{prog}: error: {' and '.join(missing)} required; usage: {prog} {USAGE}", file=sys.stderr)
         return 2
     try:
         tok = train_tokenizer(FLAGS.input, FLAGS.vocab_size, FLAGS.kind, FLAGS.out)

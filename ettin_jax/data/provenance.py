@@ -89,15 +89,10 @@ def main(argv, subcommand=None):
     """`ettin batches --workdir=DIR --step=N`; returns the exit status (--help: 0; a bad flag: one line, 2)."""
     del subcommand
     prog = argv[0] if argv else "ettin batches"
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(f"usage: {prog} {USAGE}\n\n{FLAGS.get_help()}")
-        return 0
-    FLAGS.unparse_flags()  # a second call in one process must not see the first call's values
-    try:
-        FLAGS(argv)
-    except flags.Error as e:
-        print(f"{prog}: error: {e} (see `{prog} --help`)", file=sys.stderr)
-        return 2
+    from ettin_jax import cli
+    rest = cli.parse_flags(FLAGS, argv, USAGE)
+    if isinstance(rest, int):
+        return rest
     if FLAGS.workdir is None or FLAGS.step is None:
         print(f"{prog}: error: --workdir and --step are required; usage: {prog} {USAGE}", file=sys.stderr)
         return 2
