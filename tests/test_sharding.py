@@ -217,6 +217,19 @@ def test_memory_table_in_docs_is_what_the_script_prints():
     assert f"1b totals {totals[0]} (remat none), {totals[1]} (dots) and {totals[2]} GiB (full)" in section, totals
 
 
+def test_resuming_on_another_mesh_needs_allow_config_change(tmp_path):
+    """The mesh is part of the run's config: a resume on another mesh is refused, naming the fields, unless
+    --allow_config_change (what docs/scaling.md says)."""
+    checkpoint.write_json(str(tmp_path), "config.json", train.config_to_dict(config((2, 2, 2))))
+    with pytest.raises(train.ConfigError, match=r"mesh.data: 2 -> 8; mesh.fsdp: 2 -> 1.*--allow_config_change"):
+        train.check_resume_config(str(tmp_path), config((8, 1, 1)), allow_change=False)
+    train.check_resume_config(str(tmp_path), config((8, 1, 1)), allow_change=True)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "scaling.md")) as f:
+        doc = " ".join(f.read().split())
+    assert ("resuming a workdir with a different `config.mesh` is refused (the trainer names the changed `mesh.*` "
+            "fields) unless you pass `--allow_config_change`") in doc
+
+
 # ------------------------------------------------------------------------------------------------------- FSDP
 
 
