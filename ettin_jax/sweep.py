@@ -598,18 +598,14 @@ def main(argv, subcommand="sweep"):
         flags.DEFINE_string("out", None, "where the report goes (default: the workdir root)", flag_values=fv)
     argv, common = _split_overrides(list(argv))
     name = argv[0]
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"usage: {name} " + ("--config=FILE[:ARGS] --sweep=NAME --workdir_root=DIR [--dry_run [--tpu=VM "
-                                   "--zone=Z]] [--parallel=N] [--config.x=y ...]" if subcommand == "sweep" else
-                                   "--workdir_root=DIR [--out=DIR]"))
-        print("\n".join(
-            f"  --{f.name}: {f.help}" + (f" (default: {f.default!r})" if f.default is not None else "")
-            for f in (fv[n] for n in fv)))
-        return 0
-    try:
-        fv(argv)
-    except flags.Error as e:
-        print(f"{name}: {e}", file=sys.stderr)
+    from ettin_jax import cli
+    rest = cli.parse_flags(fv, argv, "--config=FILE[:ARGS] --sweep=NAME --workdir_root=DIR [--dry_run [--tpu=VM "
+                                     "--zone=Z]] [--parallel=N] [--config.x=y ...]" if subcommand == "sweep" else
+                           "--workdir_root=DIR [--out=DIR]")
+    if isinstance(rest, int):
+        return rest
+    if rest:
+        print(f"{name}: error: unexpected arguments {' '.join(rest)}", file=sys.stderr)
         return 2
     if not fv.workdir_root:
         print(f"{name}: --workdir_root is required", file=sys.stderr)

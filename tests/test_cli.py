@@ -17,7 +17,8 @@ def test_help_and_unknown_subcommand(capsys):
     assert "unknown subcommand 'trian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sub", ["export", "import", "fill-mask", "generate", "bench", "tokenizer", "batches"])
+@pytest.mark.parametrize("sub", ["export", "import", "fill-mask", "generate", "bench", "tokenizer", "batches",
+                                 "sweep", "sweep-report"])
 def test_every_subcommand_answers_help_and_bad_flags(sub, capsys):
     assert cli.main(["ettin", sub, "--help"]) == 0
     out = capsys.readouterr().out
