@@ -2,11 +2,13 @@
 
     ettin train --config=configs/demo.py --workdir=runs/demo
 
-Trains a 4-layer, 128-wide ModernBERT as an MLM encoder and a CLM decoder for 120 steps of 16 x 256 tokens with
-the bundled 8192-token BPE: about 6 minutes on 2 CPU cores (~1.4k tokens/s for the pair), the losses falling from
-~9.0 to ~6.8 (decoder) and ~7.0 (encoder); `experiments/demo.sh` (train, export, read back) took 6m50s on a clean
-clone. At this scale the models learn little beyond token frequencies: it is a smoke test of the whole chain.
-Overrides: `--config.total_steps=50`, `--config.objective=mlm` (encoder only), ...
+Trains a 4-layer, 128-wide ModernBERT as an MLM encoder and a CLM decoder on 491,520 non-pad tokens (120 steps'
+worth of 16 x 256; packed rows are nearly full, so 121 steps) with the bundled 8192-token BPE: about 6 minutes on 2
+CPU cores (~1.4k tokens/s for the pair), the losses falling from ~9.0 to ~6.8 (decoder) and ~7.0 (encoder);
+`experiments/demo.sh` (train, export, read back) took 6m50s on a clean clone. At this scale the models learn little
+beyond token frequencies: it is a smoke test of the whole chain.
+Overrides: `--config.total_tokens=204800` (a shorter run, the whole schedule), `--config.total_steps=50` (stop at
+step 50, the schedule unchanged), `--config.objective=mlm` (encoder only), ...
 
 Sweeps (`get_sweep`; each point is this config plus its overrides, in its own workdir under --workdir_root):
 
@@ -29,8 +31,7 @@ def get_config(arg=None):
                    num_layers=4, hidden_size=128, intermediate_size=256, num_heads=2)
     c.data.special_ids = dict(unk=0, cls=1, sep=2, pad=3, mask=4)
     c.global_batch_size, c.seq_len = 16, 256
-    c.total_steps = 120
-    c.total_tokens = float(c.total_steps * c.global_batch_size * c.seq_len)
+    c.total_tokens = float(120 * c.global_batch_size * c.seq_len)  # the budget; the LR decays to its end
     c.optimizer.peak_lr, c.optimizer.weight_decay = 3e-3, 3e-4
     c.schedule.update(name="warmup_stable_decay", warmup_frac=0.1, decay_frac=0.3, final_frac=0.02)
     c.batch_size_warmup.tokens = 0.0

@@ -7,7 +7,9 @@ phase: pretrain (1.7T tokens at 1024), extension (250B at 7999, from pretrain: -
 decay (50B at 7999, from extension), cross (50B, weights of the other architecture: --config.init_from=WORKDIR).
 
 Cost: the 150m pretrain is ~470 H100-hours per model in Ettin's PyTorch code (4 x H100 for about 5 days).
-`runlocal` shrinks any of them to a CPU-sized run of the same shape: `...:size=17m,objective=paired,runlocal`.
+Each run ends at its phase's token budget (config.total_tokens, in non-pad tokens, the LR schedule's horizon);
+`--config.total_steps=N` stops it earlier without changing the schedule. `runlocal` shrinks any of them to a
+CPU-sized run of the same shape, 20 steps' worth of tokens: `...:size=17m,objective=paired,runlocal`.
 
 Sweeps (`get_sweep`; each point is the config plus its overrides, in its own workdir under --workdir_root):
 
@@ -39,18 +41,23 @@ def get_config(arg=None):
         args[k] = v
     c = recipe.ettin(**args)
     if runlocal:
-        c.global_batch_size, c.seq_len, c.total_steps = 8, min(c.seq_len, 256), 20
+        # The same run, ~20 steps of 8 x 256 tokens: the token budget shrinks and the schedule with it (the cross
+        # phase's decay keeps its share of the run; warmups last 2 steps, the recipe's would be under one).
+        c.global_batch_size, c.seq_len = 8, min(c.seq_len, 256)
+        local_tokens = 20.0 * c.global_batch_size * c.seq_len
+        c.schedule.decay_tokens *= local_tokens / c.total_tokens
+        c.schedule.warmup_tokens = 2.0 * c.global_batch_size * c.seq_len
+        c.schedule.warmup_frac = c.schedule.decay_frac = 0.0
+        c.total_tokens = local_tokens
         c.log_every_steps, c.checkpoint_every_steps = 5, 10
         c.model.dtype = "float32"
-        c.schedule.warmup_tokens = 2.0 * 8 * 256
-        c.schedule.warmup_frac = c.schedule.decay_frac = 0.0
         c.batch_size_warmup.tokens = 0.0  # the real warmups span billions of tokens
         c.checkpoint_every_tokens = 0.0
     return c
 
 
 # The demo-scale shape of a sweep point (the recipe's 1.7T-token pretrain is for a TPU pod, not a sweep).
-DEMO_SCALE = {"config.total_steps": 30, "config.global_batch_size": 8, "config.seq_len": 256,
+DEMO_SCALE = {"config.total_steps": 30, "config.total_tokens": 0.0, "config.global_batch_size": 8, "config.seq_len": 256,
               "config.model.vocab_size": 8192, "config.model.dtype": "float32",
               "config.batch_size_warmup.tokens": 0.0, "config.schedule.warmup_tokens": 4096.0,
               "config.log_every_steps": 5, "config.checkpoint_every_steps": 10}

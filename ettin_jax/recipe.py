@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from ettin_jax import sizes
@@ -45,6 +43,9 @@ def base() -> ml_collections.ConfigDict:
     c.global_batch_size = GLOBAL_BATCH
     c.micro_batch_size = 0  # > 0: accumulate gradients over global_batch_size / micro_batch_size micro-batches
     c.seq_len = 1024
+    # The run ends when it has trained on total_tokens non-pad tokens (the LR schedule's horizon, as Ettin counts);
+    # total_steps > 0 caps the steps on top of that (stopping early leaves the schedule as it is), and is the
+    # budget when total_tokens is 0.
     c.total_tokens = 0.0
     c.total_steps = 0
     c.mlm_rate = 0.3
@@ -126,19 +127,12 @@ def apply_objective(c, objective: str):
         c.cross_objective.encoder_objective = "mntp"
 
 
-def finalize(c):
-    """Derives total_steps from total_tokens where it is not set."""
-    if not c.total_steps:
-        c.total_steps = max(1, math.ceil(c.total_tokens / (c.global_batch_size * c.seq_len)))
-    return c
-
-
 def ettin(size: str = "17m", objective: str = "mlm", phase: str = "pretrain") -> ml_collections.ConfigDict:
     c = base()
     apply_size(c, size)
     apply_objective(c, objective)
     apply_phase(c, phase)
-    return finalize(c)
+    return c
 
 
 def models_of(config) -> dict[str, str]:

@@ -73,8 +73,9 @@ def validate_config(config):
         if config.seq_len > m.max_position_embeddings:
             raise ConfigError(f"seq_len {config.seq_len} is above max_position_embeddings "
                               f"{m.max_position_embeddings} of the {arch}")
-    if config.total_steps <= 0:
-        raise ConfigError(f"total_steps is {config.total_steps}; set --config.total_steps or total_tokens")
+    if config.total_tokens <= 0 and config.total_steps <= 0:
+        raise ConfigError(f"the run has no length: total_tokens is {config.total_tokens} and total_steps is "
+                          f"{config.total_steps}; set --config.total_tokens (non-pad tokens) or --config.total_steps")
     if config.micro_batch_size and config.global_batch_size % config.micro_batch_size:
         raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by micro_batch_size "
                           f"{config.micro_batch_size}")
@@ -86,6 +87,11 @@ def validate_config(config):
         raise ConfigError(f"phase {config.phase!r} starts from a previous run: set --config.init_from=WORKDIR "
                           "(or an HF folder)")
     recipe.models_of(config)
+    try:
+        make_optimizer(config)  # the schedule's own checks (e.g. warmup + decay within the horizon), before any data
+    except ValueError as e:
+        raise ConfigError(f"config.schedule ({config.schedule.name} over a horizon of {schedule_horizon(config):,.0f} "
+                          f"tokens, {_horizon_source(config)}): {e}") from None
     return models
 
 
@@ -105,23 +111,45 @@ def config_to_dict(config) -> dict:
 
 
 def check_resume_config(workdir: str, config, allow_change: bool):
-    """Refuses to resume a workdir whose run had a different config, naming the fields."""
+    """Refuses to resume a workdir whose run had a different config, naming the fields. Writes nothing: the
+    trainer records config.json only once the whole config has been validated."""
     saved = ckpt_lib.read_json(workdir, "config.json")
-    current = config_to_dict(config)
-    write = jax.process_index() == 0  # one writer: processes sharing a workdir would race on config.json.tmp
     if saved is None:
-        if write:
-            ckpt_lib.write_json(workdir, "config.json", current)
         return
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(saved), _flatten(config_to_dict(config))
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in MUTABLE_FIELDS)
     if differ and not allow_change:
         shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:8])
         raise ConfigError(f"{workdir} holds a run with a different config ({shown}"
                           f"{'; ...' if len(differ) > 8 else ''}); use another workdir, or pass "
                           "--allow_config_change to resume it anyway")
-    if write:
-        ckpt_lib.write_json(workdir, "config.json", current)
+
+
+def schedule_horizon(config) -> float:
+    """The LR schedule's horizon in non-pad tokens: where the run ends (see `run_complete`).
+
+    That is the token budget config.total_tokens; total_steps, a cap on top of it, only stops a run early and leaves
+    the schedule alone. Without a token budget total_steps ends the run, and the horizon is its capacity,
+    total_steps x global_batch_size x seq_len: a padded run's non-pad tokens fall short of it by the pad fraction.
+    """
+    if config.total_tokens > 0:
+        return float(config.total_tokens)
+    return float(config.total_steps * config.global_batch_size * config.seq_len)
+
+
+def _horizon_source(config) -> str:
+    if config.total_tokens > 0:
+        return "config.total_tokens"
+    return (f"total_steps x global_batch_size x seq_len = {config.total_steps} x {config.global_batch_size} x "
+            f"{config.seq_len}")
+
+
+def run_complete(config, step: int, tokens_seen: int) -> bool:
+    """Whether a run that has taken `step` steps over `tokens_seen` non-pad tokens is finished: at its token budget
+    (total_tokens), or at total_steps (a cap; the budget when total_tokens is 0). Both counts are restored on resume,
+    so a resumed run ends at the same step as an uninterrupted one."""
+    return ((config.total_tokens > 0 and tokens_seen >= config.total_tokens)
+            or (config.total_steps > 0 and step >= config.total_steps))
 
 
 def make_optimizer(config):
@@ -129,9 +157,7 @@ def make_optimizer(config):
     tx = optim.injectable_stable_adamw(max_learning_rate=o.peak_lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                        weight_decay=o.weight_decay)
     s = config.schedule
-    # The schedule's horizon: the phase's token budget, or less when total_steps ends the run earlier.
-    step_tokens = float(config.total_steps * config.global_batch_size * config.seq_len)
-    total = min(config.total_tokens, step_tokens) if config.total_tokens else step_tokens
+    total = schedule_horizon(config)
     warmup = s.warmup_frac * total if s.warmup_frac else s.warmup_tokens
     decay = s.decay_frac * total if s.decay_frac else s.decay_tokens
     if s.name == "warmup_constant":
@@ -225,7 +251,7 @@ def init_state(models, config, mesh, tx, rules, log):
         params[arch] = jax.jit(lambda k, cfg=cfg: init_params(cfg, k), out_shardings=shardings[arch])(key)
     opt_state = None
     if config.init_mode != "none":
-        params, opt_state = load_initial(config, models, params, tx, log)
+        params, opt_state = load_initial(config, models, params, tx, log, rules)
     if opt_state is None:
         # Explicit out_shardings: the moments must be sharded like the parameters (FSDP), not left replicated.
         opt_sh = sharding.like_params(jax.eval_shape(tx.init, params), params, mesh)
@@ -233,17 +259,20 @@ def init_state(models, config, mesh, tx, rules, log):
     return params, opt_state
 
 
-def load_initial(config, models, fresh_params, tx, log):
-    """Phase continuation: weights (+ optimizer for init_mode=full) from `init_from`, onto fresh shardings."""
+def load_initial(config, models, fresh_params, tx, log, rules=sharding.DEFAULT_RULES):
+    """Phase continuation: weights (+ optimizer for init_mode=full) from `init_from`, onto fresh shardings.
+
+    Each architecture starts from the one `_source_arch` picks. With init_mode=full the optimizer state of exactly
+    those architectures continues: a paired run's encoder state feeds an encoder-only extension, say.
+    """
     src = config.init_from
-    if os.path.exists(os.path.join(src, "config.json")) and not os.path.exists(os.path.join(src, "models.json")):
+    if _is_hf_folder(src):
         from ettin_jax import hf
         if config.init_mode == "full":
             raise ConfigError(f"init_from={src} is a Hugging Face folder, which has no optimizer state; "
                               "use --config.init_mode=weights")
         hf_params, hf_cfg, hf_arch = hf.load_hf_folder(src)
-        source = {hf_arch: hf_params}
-        source_opt = None
+        source, ck = {hf_arch: hf_params}, None
     else:
         ck = ckpt_lib.Checkpoints(src, async_save=False)
         step, restored = ck.restore_latest(log=log)
@@ -251,36 +280,59 @@ def load_initial(config, models, fresh_params, tx, log):
             ck.close()
             raise ConfigError(f"init_from={src}: no readable checkpoint")
         source = restored["params"]
-        source_opt = None
-        if config.init_mode == "full":
-            if not os.path.isdir(os.path.join(ck.directory, str(step), "opt_state")):
-                ck.close()
-                raise ConfigError(f"init_from={src}: checkpoint {step} has no optimizer state (an import?); "
-                                  "use --config.init_mode=weights")
-            abstract_opt = jax.eval_shape(tx.init, fresh_params)
-            # Restore onto the optimizer state's own (parameter-like) shardings on this run's mesh.
-            mesh = jax.tree_util.tree_leaves(fresh_params)[0].sharding.mesh
-            abstract_opt = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                                  abstract_opt, sharding.like_params(abstract_opt, fresh_params, mesh))
-            source_opt = ck.restore(step, opt_state=abstract_opt)["opt_state"]
-        ck.close()
-        log(f"initialising from {src} step {step} ({config.init_mode})")
-    params = {}
+    take = {}
     for arch in models:
-        # Cross-objective runs start each architecture from the other one; phases continue the same one.
-        order = (recipe.cross_source(arch), arch) if config.phase == "cross" else (arch, recipe.cross_source(arch))
-        from_arch = next((a for a in order if a in source), None)
+        from_arch = _source_arch(config, arch, source)
         if from_arch is None:
             raise ConfigError(f"init_from={src} holds {sorted(source)}; nothing to start the {arch} from")
         mismatch = _first_mismatch(fresh_params[arch], source[from_arch])
         if mismatch:
             raise ConfigError(f"init_from={src}: the {from_arch} does not fit the configured {arch} "
                               f"(size {config.size}): {mismatch}")
-        params[arch] = jax.tree_util.tree_map(lambda x, ref: jax.device_put(jnp.asarray(x, ref.dtype), ref.sharding),
-                                              source[from_arch], fresh_params[arch])
+        take[arch] = from_arch
+    params = {arch: jax.tree_util.tree_map(lambda x, ref: jax.device_put(jnp.asarray(x, ref.dtype), ref.sharding),
+                                           source[from_arch], fresh_params[arch])
+              for arch, from_arch in take.items()}
+    for arch, from_arch in take.items():
         if from_arch != arch:
             log(f"cross-objective: the {arch} starts from the {from_arch}'s weights")
+    source_opt = None
+    if config.init_mode == "full":
+        if not os.path.isdir(os.path.join(ck.directory, str(step), "opt_state")):
+            ck.close()
+            raise ConfigError(f"init_from={src}: checkpoint {step} has no optimizer state (an import?); "
+                              "use --config.init_mode=weights")
+        source_opt = _restore_opt_state(ck, step, src, source, fresh_params, tx, rules)
+    if ck is not None:
+        ck.close()
+        log(f"initialising from {src} step {step} ({config.init_mode})")
     return params, source_opt
+
+
+def _restore_opt_state(ck, step, src, source_params, fresh_params, tx, rules):
+    """The optimizer state of this run's architectures from a checkpoint whose run may have trained more of them
+    (a paired run): restored whole onto the mesh, each architecture's moments sharded like its parameters, then
+    the leaves this run's state has are picked by their tree path (the same path: the same architecture)."""
+    mesh = jax.tree_util.tree_leaves(fresh_params)[0].sharding.mesh
+    source_models = ckpt_lib.load_models(src)
+    abstract = {}
+    for arch in source_params:
+        if arch in fresh_params:
+            abstract[arch] = _abstract(fresh_params[arch])
+        else:  # an architecture this run does not train: sharded by the rules, as its own run had it
+            shapes, specs = abstract_params(source_models[arch])
+            shards = sharding.fit_shardings(sharding.param_shardings(specs, mesh, rules), shapes)
+            abstract[arch] = jax.tree_util.tree_map(
+                lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shards)
+    full = jax.eval_shape(tx.init, abstract)
+    full = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  full, sharding.like_params(full, abstract, mesh))
+    restored = ck.restore(step, opt_state=full)["opt_state"]
+    if set(source_params) == set(fresh_params):
+        return restored
+    by_path = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    target = jax.eval_shape(tx.init, fresh_params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: by_path[jax.tree_util.keystr(p)], target)
 
 
 def _first_mismatch(expected, got) -> Optional[str]:
@@ -291,6 +343,72 @@ def _first_mismatch(expected, got) -> Optional[str]:
         if tuple(a.shape) != tuple(b.shape):
             return f"{jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, expected {tuple(a.shape)}"
     return None
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _source_arch(config, arch: str, available) -> Optional[str]:
+    """Which architecture of a previous run `arch` starts from: the other one in a cross-objective run (the same
+    one as a fallback); the same one in a phase continuation (the other one as a fallback for init_mode=weights)."""
+    if config.phase == "cross":
+        order = (recipe.cross_source(arch), arch)
+    elif config.init_mode == "full":  # the optimizer state belongs to the architecture it was trained with
+        order = (arch,)
+    else:
+        order = (arch, recipe.cross_source(arch))
+    return next((a for a in order if a in available), None)
+
+
+def _source_models(src: str) -> dict[str, ModelConfig]:
+    """{architecture: ModelConfig} of init_from (an ettin workdir or a Hugging Face folder), without the weights."""
+    if _is_hf_folder(src):
+        from ettin_jax import hf
+        with open(os.path.join(src, "config.json")) as f:
+            cfg, arch = hf.model_config_from_hf(json.load(f), **hf._tokenizer_special_ids(src))
+        return {arch: cfg}
+    try:
+        return ckpt_lib.load_models(src)
+    except FileNotFoundError:
+        raise ConfigError(f"init_from={src}: neither an ettin workdir (models.json) nor a Hugging Face folder "
+                          "(config.json)") from None
+
+
+def _is_hf_folder(src: str) -> bool:
+    return os.path.exists(os.path.join(src, "config.json")) and not os.path.exists(os.path.join(src, "models.json"))
+
+
+TOKEN_FIELDS = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id")
+
+
+def check_init_source(config, models: dict[str, ModelConfig], tokenizer):
+    """Refuses to start from init_from when this run's vocabulary differs from the source model's: its embedding
+    rows would mean other tokens (a released Ettin model with the bundled 8192-token BPE, say). Names the fields
+    and the tokenizer to use instead. Runs before any data is read or anything is compiled."""
+    src = config.init_from
+    source = _source_models(src)
+    for arch, cfg in models.items():
+        from_arch = _source_arch(config, arch, source)
+        if from_arch is None:
+            hint = (f"; init_mode=full continues the same architecture (with its optimizer state): use "
+                    "--config.init_mode=weights or phase=cross to start from the other one"
+                    if config.init_mode == "full" and config.phase != "cross" else "")
+            raise ConfigError(f"init_from={src} holds {sorted(source)}; nothing to start the {arch} from{hint}")
+        theirs = source[from_arch]
+        differ = [f for f in TOKEN_FIELDS if getattr(theirs, f) != getattr(cfg, f)]
+        if not differ:
+            continue
+        shown = ", ".join(f"{f} {getattr(theirs, f)} there but {getattr(cfg, f)} here" for f in differ)
+        # `ettin import` and every training run keep the tokenizer in WORKDIR/tokenizer; an HF folder holds its own.
+        tok_dir = src if _is_hf_folder(src) else os.path.join(src, "tokenizer")
+        use = f"--config.data.tokenizer={tok_dir if os.path.isdir(tok_dir) else 'THE_TOKENIZER_IT_WAS_TRAINED_WITH'}"
+        if theirs.vocab_size != cfg.vocab_size:
+            use += f" --config.model.vocab_size={theirs.vocab_size}"
+        raise ConfigError(f"init_from={src}: the {from_arch} there was trained with another vocabulary than this "
+                          f"run's {arch} (tokenizer {tokenizer.path}, config.model.vocab_size): {shown}; train with "
+                          f"the source's tokenizer and vocabulary size: {use}")
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -357,6 +475,19 @@ class MetricsWriter:
             self.tb.close()
 
 
+def global_batch_hash(row_hashes: list[str]) -> str:
+    """The hash of the global batch from this host's row hashes: every process's rows gathered in global row order
+    (process i holds rows [i*b, (i+1)*b)), so a run on 1 or N hosts logs the same hash for the same batch. A
+    collective on a multi-process run: every process calls it at the same steps."""
+    from ettin_jax.data import batch_hash
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        local = np.frombuffer(bytes.fromhex("".join(row_hashes)), np.uint8).reshape(len(row_hashes), -1)
+        gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, local.shape[1])
+        row_hashes = [bytes(r).hex() for r in gathered]
+    return batch_hash(row_hashes)
+
+
 def _row_weights(config, tokens_seen: int, rows: int, shard_index: int) -> Optional[np.ndarray]:
     bw = config.batch_size_warmup
     if not bw.tokens:
@@ -372,15 +503,14 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     from ettin_jax import data as data_lib
     from ettin_jax.tokenizer import check_compatible
 
+    # Everything is checked before anything is written into the workdir, so a refused config leaves it as it was
+    # (a fixed command then runs there): the config, the mesh, the resume, the data, the tokenizer, init_from.
     models = validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    check_resume_config(workdir, config, allow_config_change)
-
-    # Mesh and shape checks come before the data or any compilation.
     mesh = sharding.make_mesh(config.mesh)
     for cfg in models.values():
         sharding.validate(cfg, mesh, config.global_batch_size, seq_len=config.seq_len,
                           micro_batch_size=config.micro_batch_size)
+    check_resume_config(workdir, config, allow_config_change)
     objs = recipe.models_of(config)
     masked = any(objectives.get_objective(o).masked_inputs for o in objs.values())
     pipe = data_lib.make_pipeline(config.data, seq_len=config.seq_len, global_batch_size=config.global_batch_size,
@@ -391,7 +521,10 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     for arch, cfg in models.items():
         check_compatible(tok, cfg.vocab_size, {k: getattr(cfg, f"{k}_token_id") for k in
                                                ("pad", "cls", "sep", "mask", "unk")})
-    if jax.process_index() == 0:
+    if config.init_mode != "none" and not _has_checkpoints(workdir):  # a resume restores the workdir's own state
+        check_init_source(config, models, tok)
+    if jax.process_index() == 0:  # one writer: processes sharing a workdir would race on the temporary files
+        ckpt_lib.write_json(workdir, "config.json", config_to_dict(config))
         ckpt_lib.save_models(workdir, models)
         ckpt_lib.copy_tokenizer(tok.path, os.path.join(workdir))
 
@@ -443,9 +576,11 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
         writer = MetricsWriter(workdir, start_step)
         from ettin_jax.data import ProvenanceWriter
         provenance = ProvenanceWriter(workdir)
-        bar = _progress(config.total_steps, start_step)
+        bar = _progress(config, start_step, tokens_seen)
+        until = [f"{config.total_tokens:,.0f} non-pad tokens"] if config.total_tokens > 0 else []
+        until += [f"step {config.total_steps}"] if config.total_steps > 0 else []
         log(f"training {', '.join(f'{a} ({o})' for a, o in sorted(objs.items()))} of size {config.size}, "
-            f"phase {config.phase}: steps {start_step}..{config.total_steps}, "
+            f"phase {config.phase}: from step {start_step} ({tokens_seen:,} tokens) until {' or '.join(until)}, "
             f"{config.global_batch_size} x {config.seq_len} tokens per step, mesh {dict(mesh.shape)}")
 
         last_metrics, pending = {}, None
@@ -454,7 +589,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
 
         def finish(pending_item):
             nonlocal last_metrics, stopped
-            s, m_dev, ntok, nflops, batch_hash = pending_item
+            s, m_dev, ntok, nflops, row_hashes, last = pending_item
             m = jax.device_get(m_dev)
             window["tokens"] += ntok
             window["flops"] += nflops
@@ -465,13 +600,13 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                     stopped = msg
                     return
                 log(msg + "; step skipped (nonfinite=skip), state unchanged")
-            if (s + 1) % config.log_every_steps == 0 or s + 1 == config.total_steps:
+            if (s + 1) % config.log_every_steps == 0 or last:
                 dt = time.perf_counter() - window["t"]
                 out = {k: float(v) for k, v in m.items() if k != "nonfinite"}
                 out.update(tokens_per_sec=window["tokens"] / dt, step_time=dt / window["steps"],
                            mfu=window["flops"] / dt / (peak * n_devices), tokens_seen=tokens_seen)
-                if batch_hash:  # this step's batch (this host's rows on a multi-host run): compare runs with it
-                    out["batch_hash"] = batch_hash
+                if row_hashes is not None:  # the global batch's hash, whatever the host count: compare runs with it
+                    out["batch_hash"] = global_batch_hash(row_hashes)
                 writer.write(s + 1, out)
                 last_metrics = out
                 losses = "  ".join(f"{a} {out[f'{a}/loss']:.3f}" for a in sorted(objs))
@@ -480,67 +615,76 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 bar.write(line) if bar else log(line)
                 window.update(t=time.perf_counter(), tokens=0, flops=0.0, steps=0)
 
-        with _Preemption() as preempt:
-            step = start_step
-            while step < config.total_steps:
-                batch = next(data_iter)
-                record = batch.pop("provenance", None)
-                batch.pop("step", None)
-                if record is not None:
-                    provenance.write(record)
-                rw = _row_weights(config, tokens_seen, batch["tokens"].shape[0], jax.process_index())
-                if rw is not None:
-                    batch["row_weights"] = rw
-                local_tokens = int(((batch["segment_ids"] > 0) * (1 if rw is None else rw[:, None])).sum())
-                # Global counts, summed over processes: tokens_seen drives the learning rate, which every process
-                # must pass identically to the step (and equal to a single-process run's).
-                local_preds = float(batch["mlm_weights"].sum()) if "mlm_weights" in batch else 0.0
-                ntok, npreds = sharding.process_sum(local_tokens, local_preds)
-                ntok = int(ntok)
-                nflops = 0.0
-                for arch, o in objs.items():
-                    cfg = models[arch]
-                    preds = ntok if o == "clm" else npreds
-                    nflops += flops_lib.train_flops(cfg, tokens=ntok, predictions=preds, seq_len=config.seq_len,
-                                                    causal=o == "clm")
-                gbatch = sharding.host_batch_to_global(batch, mesh)
-                params, opt_state, m = jstep(params, opt_state, gbatch, jnp.int32(step), jnp.float32(tokens_seen))
-                if pending is not None:
-                    finish(pending)
-                pending = (step, m, ntok, nflops, record.get("hash") if record else None)
-                tokens_seen += ntok
-                step += 1
-                if bar:
-                    bar.update(1)
-                if stopped:
-                    break
-                if (step % config.checkpoint_every_steps == 0 or (keep_period and step % keep_period == 0)
-                        or step == config.total_steps or preempt.signal):
-                    finish(pending)
-                    pending = None
+        try:
+            with _Preemption() as preempt:
+                step = start_step
+                while not run_complete(config, step, tokens_seen):
+                    batch = next(data_iter)
+                    record = batch.pop("provenance", None)
+                    batch.pop("step", None)
+                    if record is not None:
+                        provenance.write(record)
+                    rw = _row_weights(config, tokens_seen, batch["tokens"].shape[0], jax.process_index())
+                    if rw is not None:
+                        batch["row_weights"] = rw
+                    local_tokens = int(((batch["segment_ids"] > 0) * (1 if rw is None else rw[:, None])).sum())
+                    # Global counts, summed over processes: tokens_seen drives the learning rate, which every process
+                    # must pass identically to the step (and equal to a single-process run's).
+                    local_preds = float(batch["mlm_weights"].sum()) if "mlm_weights" in batch else 0.0
+                    ntok, npreds = sharding.process_sum(local_tokens, local_preds)
+                    ntok = int(ntok)
+                    nflops = 0.0
+                    for arch, o in objs.items():
+                        cfg = models[arch]
+                        preds = ntok if o == "clm" else npreds
+                        nflops += flops_lib.train_flops(cfg, tokens=ntok, predictions=preds, seq_len=config.seq_len,
+                                                        causal=o == "clm")
+                    gbatch = sharding.host_batch_to_global(batch, mesh)
+                    params, opt_state, m = jstep(params, opt_state, gbatch, jnp.int32(step), jnp.float32(tokens_seen))
+                    if pending is not None:
+                        finish(pending)
+                    tokens_seen += ntok
+                    step += 1
+                    done = run_complete(config, step, tokens_seen)
+                    pending = (step - 1, m, ntok, nflops, [r["hash"] for r in record["rows"]] if record else None, done)
+                    if bar:
+                        bar.update(ntok if config.total_tokens > 0 else 1)
                     if stopped:
                         break
-                    checkpoints.save(step, params=params, opt_state=opt_state, data_iter=data_iter,
-                                     meta=dict(step=step, tokens=tokens_seen, phase=config.phase))
-                if preempt.signal:
-                    checkpoints.wait()
-                    log(f"{preempt.signal}: saved step {step}; rerun the same command to resume")
-                    break
-            if pending is not None and not stopped:
-                finish(pending)
+                    if (step % config.checkpoint_every_steps == 0 or (keep_period and step % keep_period == 0)
+                            or done or preempt.signal):
+                        finish(pending)
+                        pending = None
+                        if stopped:
+                            break
+                        checkpoints.save(step, params=params, opt_state=opt_state, data_iter=data_iter,
+                                         meta=dict(step=step, tokens=tokens_seen, phase=config.phase))
+                        # The bad-input counts survive a crash: written with every checkpoint, not only at the end.
+                        _write_data_stats(workdir, pipe)
+                    if preempt.signal:
+                        checkpoints.wait()
+                        log(f"{preempt.signal}: saved step {step}; rerun the same command to resume")
+                        break
+                if pending is not None and not stopped:
+                    finish(pending)
+        finally:  # an in-flight asynchronous save completes even when the loop raises: it holds a good step
+            checkpoints.close()
+            writer.close()
         if bar:
             bar.close()
-        checkpoints.close()
-        writer.close()
         if stopped:
             good = checkpoints.steps()
             raise RuntimeError(f"{stopped}; stopped. The last good checkpoint is step "
                                f"{good[-1] if good else 'none'} (untouched); set --config.nonfinite=skip to skip "
                                "such steps instead")
-    stats = pipe.stats()
-    if jax.process_index() == 0:
-        ckpt_lib.write_json(workdir, "data_stats.json", stats)
+    _write_data_stats(workdir, pipe)
     return last_metrics
+
+
+def _write_data_stats(workdir, pipe):
+    """data_stats.json: the pipeline's counters (rows, tokens, pad tokens, bad inputs) so far."""
+    if jax.process_index() == 0:
+        ckpt_lib.write_json(workdir, "data_stats.json", pipe.stats())
 
 
 def _no_init(config):
@@ -550,52 +694,81 @@ def _no_init(config):
     return c
 
 
-def _progress(total, start):
+def _progress(config, start_step: int, tokens_seen: int):
+    """A terminal progress bar over the run's budget: tokens when it has a token budget, else steps."""
     if not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    if config.total_tokens > 0:
+        return tqdm(total=int(config.total_tokens), initial=tokens_seen, unit="tok", unit_scale=True,
+                    dynamic_ncols=True)
+    return tqdm(total=config.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv, subcommand=None):
-    from absl import app, flags
+def flag_error(e: Exception) -> str:
+    """A flag error in one line. config_flags re-raises a config's own error (an unknown size, say) with the
+    traceback pasted into the message; the original error, at the end of the exception chain, says it all."""
+    head = str(e).splitlines()[0].replace("Error whilst parsing config file:", "").strip()
+    root = e
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    return head if root is e else f"{head} {str(root).strip().splitlines()[0]}"
+
+
+USAGE = ("usage: ettin train --config=configs/ettin.py:size=SIZE,objective=OBJECTIVE,phase=PHASE --workdir=DIR "
+         "[--config.x=y ...]")
+
+
+def main(argv, subcommand=None) -> int:
+    """`ettin train`: flags in a private registry, so that a bad one is one line on stderr and exit status 2."""
+    from absl import flags, logging
     from ml_collections import config_flags
 
-    FLAGS = flags.FLAGS
+    fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
-                                    "config file, with big_vision-style :args", lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and provenance go")
-    flags.DEFINE_bool("allow_config_change", False, "resume a workdir whose run had a different config")
+                                    "config file, with big_vision-style :args", lock_config=True, sys_argv=argv,
+                                    flag_values=fv)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and provenance go", flag_values=fv)
+    flags.DEFINE_bool("allow_config_change", False, "resume a workdir whose run had a different config",
+                      flag_values=fv)
     # Multi-process runs (see sharding.initialize_distributed): on TPU VM pod slices and under SLURM none of these
     # is needed; elsewhere give all three (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (multi-process runs)")
-    flags.DEFINE_integer("num_processes", None, "how many processes train together (multi-process runs)")
-    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (multi-process runs)")
-
-    def run(_):
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
-        if not FLAGS.workdir:
-            print("ettin train: --workdir is required", file=sys.stderr)
-            return 2
-        try:
-            sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-            train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"ettin train: {e}", file=sys.stderr)
-            return 2
-        except RuntimeError as e:
-            print(f"ettin train: {e}", file=sys.stderr)
-            return 1
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (multi-process runs)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "how many processes train together (multi-process runs)",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (multi-process runs)",
+                         flag_values=fv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(f"{USAGE}\n\n{fv.get_help()}")
         return 0
-
     try:
-        app.run(lambda a: sys.exit(run(a)), argv=argv)
-    except SystemExit as e:
-        return e.code
+        rest = fv(argv)[1:]
+    except flags.Error as e:
+        print(f"ettin train: {flag_error(e)}", file=sys.stderr)
+        return 2
+    if rest:
+        print(f"ettin train: unexpected arguments {' '.join(rest)}; {USAGE}", file=sys.stderr)
+        return 2
+    if not fv.workdir:
+        print(f"ettin train: --workdir is required; {USAGE}", file=sys.stderr)
+        return 2
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # absl logging (Orbax's) otherwise warns that flags were never parsed
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
+    try:
+        sharding.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+        train(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"ettin train: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"ettin train: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -26,7 +26,7 @@ def small(objective="paired", phase="pretrain", steps=4, **kw):
     if phase != "pretrain":
         recipe.apply_phase(c, phase)
     c.model.update(num_layers=2, hidden_size=64, intermediate_size=64, num_heads=1)
-    c.global_batch_size, c.seq_len, c.total_steps = 8, 64, steps
+    c.global_batch_size, c.seq_len, c.total_steps, c.total_tokens = 8, 64, steps, 0.0  # total_steps: the budget
     c.log_every_steps, c.checkpoint_every_steps, c.checkpoint_every_tokens = 1, 2, 0.0
     c.data.num_streams = 8
     for k, v in kw.items():
@@ -36,6 +36,33 @@ def small(objective="paired", phase="pretrain", steps=4, **kw):
             target = target[p]
         target[last] = v
     return c
+
+
+def opt_counts(workdir):
+    """The update counts in the optimizer state of a workdir's latest checkpoint."""
+    import orbax.checkpoint as ocp
+    ck = checkpoint.Checkpoints(str(workdir), async_save=False)
+    state = ck.manager.restore(ck.steps()[-1], args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
+    ck.close()
+    leaves = jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+    return {int(x) for p, x in leaves if "count" in jax.tree_util.keystr(p)}
+
+
+def initial_params(config):
+    """The parameters a run of `config` starts from (before its first step), as the trainer makes them."""
+    from ettin_jax import sharding
+    models = train.model_configs(config)
+    mesh = sharding.make_mesh(config.mesh)
+    tx, _ = train.make_optimizer(config)
+    with jax.set_mesh(mesh):
+        params, _ = train.init_state(models, config, mesh, tx, sharding.rules(config), log=lambda *_: None)
+    return params
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def losses(workdir, key="loss"):
@@ -111,12 +138,20 @@ def test_phases_and_both_cross_objective_directions(tmp_path):
     c2.seq_len = 128
     train.train(c2, p2, log=log)
     # The optimizer state continued: its step count is the sum of both phases.
-    params, opt = checkpoint.Checkpoints(p2, async_save=False).restore(2, opt_state=None).get("params"), None
+    params = checkpoint.Checkpoints(p2, async_save=False).restore(2).get("params")
     assert set(params) == {"encoder", "decoder"}
+    assert opt_counts(p1) == {2} and opt_counts(p2) == {4}
+    # A paired run continues as a single objective: the encoder's weights and optimizer state carry over.
+    p2_mlm = str(tmp_path / "p2_mlm")
+    c2_mlm = small("mlm", "extension", steps=2, init_from=p1)
+    c2_mlm.seq_len = 128
+    train.train(c2_mlm, p2_mlm, log=log)
+    assert set(checkpoint.load_models(p2_mlm)) == {"encoder"} and opt_counts(p2_mlm) == {4}
     c3 = small("paired", "decay", steps=2, init_from=p2)
     assert c3.mlm_rate == 0.15 and c3.init_mode == "full"
     c3.seq_len = 128
     train.train(c3, str(tmp_path / "p3"), log=log)
+    assert opt_counts(str(tmp_path / "p3")) == {6}
     msgs = []
     enc = small("mlm", "cross", steps=2, init_from=str(tmp_path / "p3"))
     assert enc.init_mode == "weights"
@@ -125,6 +160,12 @@ def test_phases_and_both_cross_objective_directions(tmp_path):
     dec = small("clm", "cross", steps=2, init_from=str(tmp_path / "p3"))
     train.train(dec, str(tmp_path / "dec_from_enc"), log=msgs.append)
     assert any("the decoder starts from the encoder's weights" in m for m in msgs)
+    # Cross-objective runs start with a fresh optimizer, from the other architecture's final weights.
+    assert opt_counts(str(tmp_path / "enc_from_dec")) == {2} and opt_counts(str(tmp_path / "dec_from_enc")) == {2}
+    p3_final = checkpoint.Checkpoints(str(tmp_path / "p3"), async_save=False).restore(2)["params"]
+    for cfg, arch, source in ((enc, "encoder", "decoder"), (dec, "decoder", "encoder")):
+        start = initial_params(cfg)[arch]
+        assert_trees_equal(start, p3_final[source])
     mntp = small("mntp", "cross", steps=2, init_from=str(tmp_path / "p3"))
     out = train.train(mntp, str(tmp_path / "mntp"), log=log)
     assert np.isfinite(out["encoder/loss"])
@@ -194,7 +235,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 def test_bad_configs_fail_before_compiling(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train.train(small(**override), str(tmp_path), log=lambda *_: None)
-    assert not (tmp_path / "checkpoints").exists()
+    # Nothing is written: a refused config (a bad mesh, say) leaves the workdir free for the fixed command.
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -212,3 +254,162 @@ def test_gradient_accumulation_and_remat_give_the_same_losses(tmp_path):
             for step in want:
                 assert got[step] == pytest.approx(want[step], rel=1e-5), (run, key, step)
     assert ref  # three logged steps
+
+
+# ------------------------------------------------------------------------------------------- run length, schedule
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step, msgs):
+    def log(msg):
+        msgs.append(msg)
+        if msg.split()[:2] == ["step", str(step)]:
+            raise _Crash(msg)
+    return log
+
+
+@pytest.mark.slow
+def test_a_token_budget_ends_the_run_where_the_schedule_ends(tmp_path):
+    """The run ends at total_tokens non-pad tokens (padded rows need more steps than the budget / row capacity), the
+    LR has reached its final fraction there, and a crashed run resumes to end at the same step with the same losses.
+    The crashed run kept its data statistics (written with each checkpoint), and every logged step carries the hash
+    of the global batch the pipeline made for it."""
+    short = tmp_path / "short.jsonl"  # documents of 40-60 tokens: one per unpacked row, the rest padding
+    rng = np.random.default_rng(0)
+    words = open(os.path.join(REPO, "data/corpus/austen.jsonl")).read(20000).split()
+    with open(short, "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": " ".join(words[i * 60:i * 60 + int(rng.integers(40, 60))])}) + "\n")
+    budget = 3 * 8 * 64
+    cfg = lambda: small("mlm", steps=0, total_tokens=float(budget), **{
+        "data.packing": False, "data.sources": [dict(name="short", format="jsonl", path=str(short), weight=1.0)]})
+    a = str(tmp_path / "a")
+    train.train(cfg(), a, log=lambda *_: None)
+    seen = losses(a, "tokens_seen")
+    last = max(seen)
+    assert seen[last] >= budget > seen[last - 1] and last > 3  # padded rows: more than 3 steps' capacity
+    tx, schedule = train.make_optimizer(cfg())
+    o, s = cfg().optimizer, cfg().schedule
+    assert float(schedule(seen[last])) == pytest.approx(s.final_frac * o.peak_lr, rel=1e-6)
+    assert float(schedule(seen[last - 1])) > s.final_frac * o.peak_lr
+
+    b, msgs = str(tmp_path / "b"), []
+    with pytest.raises(_Crash):
+        train.train(cfg(), b, log=_crash_at(3, msgs))  # after the checkpoint of step 2
+    assert json.load(open(os.path.join(b, "data_stats.json")))["rows"] >= 16
+    msgs = []
+    train.train(cfg(), b, log=msgs.append)
+    assert any("resumed from step 2" in m for m in msgs)
+    assert losses(b) == losses(a) and max(losses(b)) == last
+
+    from ettin_jax import data
+    c = cfg()
+    pipe = data.make_pipeline(c.data, seq_len=c.seq_len, global_batch_size=c.global_batch_size, seed=c.seed,
+                              mlm_rate=c.mlm_rate)
+    it = pipe.iterator(0)
+    want = {step + 1: next(it)["provenance"]["hash"] for step in range(last)}
+    assert losses(a, "batch_hash") == want
+
+
+def test_the_batch_hash_is_the_global_batchs_on_any_host_count(monkeypatch):
+    """Two hosts each hash their own rows; the logged hash gathers the row hashes in global row order, so it equals
+    the one-host run's hash of the same step."""
+    from jax.experimental import multihost_utils
+    from ettin_jax import data
+    c = small("mlm")
+    make = lambda i, n: data.make_pipeline(c.data, seq_len=c.seq_len, global_batch_size=c.global_batch_size,
+                                           seed=c.seed, mlm_rate=c.mlm_rate, shard_index=i, shard_count=n)
+    one = next(make(0, 1).iterator(0))["provenance"]
+    hosts = [[r["hash"] for r in next(make(i, 2).iterator(0))["provenance"]["rows"]] for i in range(2)]
+    as_array = lambda hashes: np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(len(hashes), -1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([as_array(h) for h in hosts]))
+    assert train.global_batch_hash(hosts[0]) == one["hash"]
+
+
+def test_every_runlocal_config_validates():
+    """Every size x objective x phase shrinks to a consistent CPU run (the schedule fits its token budget)."""
+    import ettin
+    for size in recipe.SIZE_RECIPE:
+        for objective in recipe.OBJECTIVES:
+            for phase in recipe.PHASES:
+                c = ettin.get_config(f"size={size},objective={objective},phase={phase},runlocal")
+                if phase != "pretrain":
+                    c.init_from = "runs/previous-phase"
+                train.validate_config(c)
+                assert c.total_tokens <= 20 * c.global_batch_size * c.seq_len
+
+
+def test_a_schedule_longer_than_the_run_is_a_config_error():
+    import ettin
+    c = ettin.get_config("size=17m,objective=paired,phase=cross")
+    c.init_from, c.total_tokens = "runs/previous-phase", 5e9
+    with pytest.raises(train.ConfigError, match=r"config.schedule \(warmup_stable_decay over a horizon of "
+                                                r"5,000,000,000 tokens, config.total_tokens\): .*warmup_tokens "
+                                                r"\+ decay_tokens = 13000000000.0 exceeds"):
+        train.validate_config(c)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("size=2b", "unknown size '2b'; expected one of 17m, 32m, 68m, 150m, 400m, 1b, tiny"),
+    ("objective=seq2seq", "unknown objective 'seq2seq'; expected one of mlm, clm, mntp, paired"),
+    ("phase=warmup", "unknown phase 'warmup'; expected one of pretrain, extension, decay, cross"),
+])
+def test_unknown_config_argument_is_one_line_and_status_2(tmp_path, capsys, arg, message):
+    from ettin_jax import cli
+    argv = ["ettin", "train", f"--config={REPO}/configs/ettin.py:{arg}", f"--workdir={tmp_path / 'run'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------- continuing an imported model
+
+
+def _hf_folder_with_its_own_tokenizer(path):
+    """A tiny random ModernBERT encoder whose tokenizer has its special tokens after the vocabulary, at 300..304
+    (as ModernBERT's are at 50280..50284), unlike the bundled BPE's 0..4."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+    texts = [json.loads(line)["text"][:2000] for line in open(os.path.join(REPO, "data/corpus/austen.jsonl"))][:50]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    os.makedirs(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    assert ids["[CLS]"] >= 256
+    ModernBertForMaskedLM(ModernBertConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+        pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], bos_token_id=ids["[CLS]"],
+        eos_token_id=ids["[SEP]"], max_position_embeddings=1024, local_attention=128)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_an_imported_model_trains_only_with_its_own_tokenizer(tmp_path):
+    from ettin_jax import hf
+    imported = hf.import_hf(_hf_folder_with_its_own_tokenizer(str(tmp_path / "hf")), str(tmp_path / "imported"))
+    assert os.path.exists(os.path.join(imported, "tokenizer", "tokenizer.json"))
+    # The README's mistake: the bundled 8192-token BPE (special ids 0..4) under the imported model.
+    c = small("mlm", steps=2, init_from=imported, init_mode="weights", **{"model.vocab_size": 8192})
+    with pytest.raises(train.ConfigError) as e:
+        train.train(c, str(tmp_path / "wrong"), log=lambda *_: None)
+    msg = str(e.value)
+    for part in ("vocab_size 320 there but 8192 here", "cls_token_id 301 there but 1 here",
+                 "mask_token_id 304 there but 4 here",
+                 f"--config.data.tokenizer={imported}/tokenizer --config.model.vocab_size=320"):
+        assert part in msg, msg
+    assert not os.path.exists(tmp_path / "wrong" / "checkpoints")
+    # The fix the message names trains.
+    c = small("mlm", steps=2, init_from=imported, init_mode="weights",
+              **{"model.vocab_size": 320, "data.tokenizer": f"{imported}/tokenizer", "data.special_ids": {}})
+    out = train.train(c, str(tmp_path / "right"), log=lambda *_: None)
+    assert np.isfinite(out["encoder/loss"]) and max(losses(tmp_path / "right")) == 2
