@@ -1,9 +1,19 @@
 """lm-evaluation-harness model `ettin`: runs the harness's tasks against our JAX checkpoints directly.
 
+From the command line (the harness's own CLI and arguments, with `ettin` registered first):
+
+    python -m ettin_jax.evaluation.lm_eval_adapter --model ettin --model_args pretrained=runs/demo,which=decoder \
+        --tasks ettin_austen_cloze --include_path data/eval/lm_eval [--limit N] [--output_path DIR]
+
+From Python:
+
     import ettin_jax.evaluation.lm_eval_adapter  # registers "ettin"
     lm_eval.simple_evaluate(model="ettin", model_args="pretrained=runs/demo,which=decoder", tasks=[...])
-    lm_eval --model ettin --model_args pretrained=runs/demo,which=decoder --tasks ... \
-        --include_path data/eval/lm_eval            # (with `--model ettin` importable, see below)
+
+Why not plain `lm_eval --model ettin`: lm_eval 0.4.13 finds models only in its own table (`lm_eval.models.
+MODEL_MAPPING`) and in modules already imported that call `register_model`; it reads no entry points for models,
+and `--include_path` adds task YAMLs only (their `!function` modules are imported after the model is built). So
+the module has to be imported before the harness's CLI runs, which is what `python -m` here does.
 
 `pretrained` is a training workdir or a Hugging Face folder; `which` picks the model of a paired workdir (default:
 the decoder); `pll=True` lets an encoder answer likelihood requests by masked pseudo-log-likelihood. Scoring is
@@ -28,7 +38,6 @@ def _bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
-@register_model("ettin")
 class EttinLM(LM):
     """An Ettin encoder or decoder behind lm-evaluation-harness's LM interface."""
 
@@ -77,3 +86,24 @@ class EttinLM(LM):
                     text = text[:text.index(stop)]
             out.append(text)
         return out
+
+
+if __name__ != "__main__":  # under `python -m` the importable module (imported below) registers, not this copy
+    register_model("ettin")(EttinLM)
+
+
+def main(argv=None) -> None:
+    """lm_eval's command line with the `ettin` model registered (this module is imported, so it is)."""
+    import sys
+    from lm_eval.__main__ import cli_evaluate
+    argv = sys.argv[1:] if argv is None else list(argv)
+    saved, sys.argv = sys.argv, ["lm_eval"] + argv  # the harness's CLI parses sys.argv itself
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    from ettin_jax.evaluation.lm_eval_adapter import main as registered_main
+    registered_main()
