@@ -1,7 +1,7 @@
 """Sweeps: lists of config overrides defined as code beside the configs, run locally or printed for a TPU VM.
 
     ettin sweep --config=configs/demo.py --sweep=lr --workdir_root=runs/lr [--dry_run] [--parallel=N]
-    ettin sweep --config=configs/ettin.py --sweep=size_objective --workdir_root=gs://B/grid --dry_run --tpu=NAME
+    ettin sweep --config=configs/ettin.py --sweep=size_objective --workdir_root=/mnt/B/grid --dry_run --tpu=NAME
     ettin sweep-report --workdir_root=runs/lr
 
 A config module that has sweeps defines `get_sweep(name)` (and `SWEEPS`, the names), returning a list of points;
@@ -235,7 +235,11 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ()) -> list[PlannedPoint]:
     """Loads, names and validates every point of a sweep; raises SweepError before anything runs."""
-    from ettin_jax import train
+    from ettin_jax import sharding, train
+    try:  # on a TPU VM as much as here: the trainer writes its workdir with local file I/O
+        sharding.check_workdir(workdir_root)
+    except ValueError as e:
+        raise SweepError(f"--workdir_root: {e}") from None
     path, arg = split_config_arg(config)
     config_arg = path + (f":{arg}" if arg else "")
     points = load_sweep(config, sweep)
@@ -258,7 +262,7 @@ def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ())
         base = resolve_config(config_arg, common)
     except (Exception, SystemExit) as e:
         raise SweepError(f"{' '.join(common)}: {type(e).__name__}: {e}") from None
-    root = workdir_root if "://" in workdir_root else os.path.abspath(workdir_root)
+    root = os.path.abspath(workdir_root)
     planned = []
     for name, p in zip(names, points):
         for key in p:

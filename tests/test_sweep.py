@@ -136,10 +136,10 @@ def test_cli_errors_are_clear(config_file, tmp_path):
 
 
 def test_tpu_command_uses_the_checkout_path():
-    pt = sweep.plan(os.path.join(REPO, "configs", "demo.py"), "lr", "gs://b/lr")[0]
+    pt = sweep.plan(os.path.join(REPO, "configs", "demo.py"), "lr", "/mnt/b/lr")[0]
     assert sweep.tpu_command(pt, "vm", None, "ettin-jax") == (
         "gcloud compute tpus tpu-vm ssh vm --worker=all '--command=cd ettin-jax && ettin train "
-        "--config=configs/demo.py --workdir=gs://b/lr/peak_lr=0.001 --config.optimizer.peak_lr=0.001'")
+        "--config=configs/demo.py --workdir=/mnt/b/lr/peak_lr=0.001 --config.optimizer.peak_lr=0.001'")
 
 
 def test_shipped_sweeps_dry_run():
@@ -159,14 +159,19 @@ def test_shipped_sweeps_dry_run():
 
 
 def test_tpu_dry_run(config_file):
-    r = _ettin("sweep", f"--config={config_file}", "--sweep=two", "--workdir_root=gs://bucket/two", "--dry_run",
+    r = _ettin("sweep", f"--config={config_file}", "--sweep=two", "--workdir_root=/mnt/bucket/two", "--dry_run",
                "--tpu=my-vm", "--zone=us-central2-b", "--config.total_steps=9")
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("gcloud")]
     assert len(lines) == 2
     assert lines[0].startswith("gcloud compute tpus tpu-vm ssh my-vm --zone=us-central2-b --worker=all "
                                "'--command=cd ettin-jax && ettin train --config=")
-    assert "--workdir=gs://bucket/two/objective=mlm --config.total_steps=9 --config.objective=mlm" in lines[0]
+    assert "--workdir=/mnt/bucket/two/objective=mlm --config.total_steps=9 --config.objective=mlm" in lines[0]
+    # A bucket URL would become a local folder named "gs:" on the VM: refused, pointing at a gcsfuse mount.
+    r = _ettin("sweep", f"--config={config_file}", "--sweep=two", "--workdir_root=gs://bucket/two", "--dry_run",
+               "--tpu=my-vm")
+    assert r.returncode == 2 and "gcsfuse --implicit-dirs bucket /mnt/bucket" in r.stderr
+    assert "gcloud" not in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------- end to end
