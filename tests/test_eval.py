@@ -278,3 +278,79 @@ def test_ettin_eval_side_by_side_on_a_paired_workdir(tmp_path, capsys):
     assert set(res["scores"]) == {"pair:decoder", "pair:encoder"}
     assert 0 <= res["scores"]["pair:encoder"]["austen_cloze"]["acc"] <= 1
     assert "| task/metric |" in runner.format_table(res, "markdown")
+
+
+def _compare_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare", os.path.join(REPO, "experiments", "compare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic(cls=(0.6, 0.3, 360), ndcg=(0.5, 0.1), mrr=(0.5, 0.1), gen=(0.6, 0.25), cross=None):
+    """rows and results as compare.py builds them: encoder / decoder (and the cross-objective pair) at one size.
+    cls: (encoder, decoder, n) accuracy; ndcg / mrr: (encoder, decoder), 200 queries; gen: (decoder, encoder)
+    accuracy on both generation tasks (n=100); cross: (encoder-from-decoder accuracy, decoder-from-encoder acc)."""
+    def scores(arch):
+        e = arch == "encoder"
+        out = dict(austen_novel=dict(accuracy=cls[0] if e else cls[1], majority=1 / 6),
+                   stdlib_docstring={"ndcg@10": ndcg[0] if e else ndcg[1], "mrr@10": mrr[0] if e else mrr[1],
+                                     "n": 200})
+        if cls[2] is not None:
+            out["austen_novel"]["n"] = cls[2]
+        for t in ("austen_cloze", "stdlib_nextline"):
+            out[t] = dict(acc=gen[1] if e else gen[0], chance=0.25, n=100)
+        return out
+    results = dict(scores={"p:encoder": scores("encoder"), "p:decoder": scores("decoder")})
+    rows = [dict(name="p:encoder", size="tiny", role="encoder", params=1e6),
+            dict(name="p:decoder", size="tiny", role="decoder", params=1e6)]
+    if cross:
+        results["scores"]["c:encoder"] = dict(austen_novel=dict(accuracy=cross[0], n=360))
+        results["scores"]["c:decoder"] = {t: dict(acc=cross[1], chance=0.25, n=100)
+                                          for t in ("austen_cloze", "stdlib_nextline")}
+        rows += [dict(name="c:encoder", size="tiny", role="encoder-from-decoder", params=1e6),
+                 dict(name="c:decoder", size="tiny", role="decoder-from-encoder", params=1e6)]
+    return rows, results
+
+
+def test_compare_verdict_holds_does_not_hold_and_ties():
+    """compare.py's verdict from the numbers: 2 standard errors from each task's own n, retrieval on nDCG@10
+    (MRR only mentioned), and the cross-objective claim judged."""
+    compare = _compare_module()
+    holds = lambda **kw: compare.verdict(*_synthetic(**kw))
+    lines, overall = holds()
+    assert overall == [True] and "n=360" in lines[1] and "the encoder is **ahead**" in lines[1]
+    assert any("verdict at this size: the direction of the paper's finding holds**" in l for l in lines)
+    # the other way round on classification
+    lines, overall = holds(cls=(0.3, 0.6, 360))
+    assert overall == [False] and "the encoder is **behind**" in lines[1]
+    # a tie: 0.32 vs 0.28 at n=360 is within 2 SE (0.068)
+    lines, overall = holds(cls=(0.32, 0.28, 360))
+    assert overall == [False] and "a **tie**" in lines[1] and "does NOT hold" in lines[-2]
+    # n comes from the data: 0.6 vs 0.45 is ahead at n=360 but a tie at n=40 (2 SE = 0.22)
+    assert "**ahead**" in holds(cls=(0.6, 0.45, 360))[0][1]
+    lines, overall = holds(cls=(0.6, 0.45, 40))
+    assert "n=40" in lines[1] and "a **tie**" in lines[1] and overall == [False]
+    lines, _ = holds(cls=(0.6, 0.3, None))  # a cache without n: the bundled test set's size
+    assert f"n={len(tasks.read_jsonl('austen_novel_test.jsonl'))}" in lines[1]
+    # retrieval is judged on nDCG@10 (a tie here) even where MRR@10 alone would say ahead
+    lines, overall = holds(ndcg=(0.30, 0.28), mrr=(0.5, 0.1))
+    ret, = [l for l in lines if l.startswith("- retrieval")]
+    assert "nDCG@10 encoder 0.300 vs decoder 0.280: the encoder is a **tie**" in ret and "MRR@10 0.500 vs 0.100" in ret
+    assert overall == [False]
+    # cross-objective: both continuations still behind -> holds; one level with its native model -> does not
+    lines, overall = holds(cross=(0.35, 0.3))
+    assert overall == [True] and sum("still **behind** it: the gap is not closed" in l for l in lines) == 3
+    assert "- cross-objective: the gap stays open in all 3 comparisons (as the paper)" in lines
+    lines, overall = holds(cross=(0.59, 0.3))
+    assert overall == [False] and any("level with it (within 2 standard errors): the gap is closed" in l for l in lines)
+    lines, overall = holds(cls=(0.30, 0.30, 360), cross=(0.30, 0.3))  # no gap between the pair to begin with
+    assert overall == [False] and any("there was no gap to close (the encoder is not ahead of the decoder" in l
+                                      for l in lines)
+    assert "- cross-objective: the gap is closed or absent in 1 of 3 comparisons (paper: it stays open)" in lines
+
+
+def test_compare_report_calls_the_time_wall_clock():
+    note = _compare_module().timing_note({"a:encoder/austen_novel": 90.0, "a:decoder/austen_novel": 30.0})
+    assert "2.0 minutes of wall-clock time, summed over models and tasks" in note and "process time" not in note

@@ -120,8 +120,9 @@ def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Op
         pll: bool = False, finetune: classification.FinetuneConfig = classification.FinetuneConfig(),
         contrastive: retrieval.ContrastiveConfig = retrieval.ContrastiveConfig(), limit: Optional[int] = None,
         log=print) -> dict:
-    """Runs one task on one model; returns its metrics (floats). `limit`: only the first items of a
-    multiple-choice task (a cheaper, noisier score)."""
+    """Runs one task on one model; returns its metrics (floats) and `n`, the number of items (sentences, queries)
+    scored (standard errors come from it). `limit`: only the first items of a multiple-choice task (a cheaper,
+    noisier score)."""
     kind = kind_of(name)
     if kind == "multiple_choice":
         likelihood.require_scorer(model, pll, name)
@@ -143,6 +144,7 @@ def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Op
         clf = classification.fine_tune(model, train, config=finetune, log=log)
         out = classification.evaluate(clf, test)
         out["majority"] = majority_baseline([ex["label"] for ex in train], [ex["label"] for ex in test])
+        out["n"] = len(test)  # test examples: the standard error of the accuracy
         return out
     # retrieval
     queries = {r["id"]: r["text"] for r in read_jsonl(f"{name}_queries.jsonl", data_dir)}
@@ -155,4 +157,5 @@ def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Op
     tuned = retrieval.contrastive_fine_tune(model, read_jsonl(f"{name}_train.jsonl", data_dir), contrastive, log=log)
     out = retrieval.evaluate(tuned, queries, corpus, qrels, **lens)
     out.update({f"zero_shot_{k}": v for k, v in zero.items()})
+    out["n"] = len(qrels)  # judged queries: the standard error of the means
     return out
