@@ -113,7 +113,9 @@ def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
     path = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
-        if path.exists() and len(path.read_text().splitlines()) >= kill_after:
+        # After a committed checkpoint (step 3's save is asynchronous: a kill before it lands restarts from 0).
+        committed = (tmp_path / "killed" / "checkpoints" / "3").is_dir()
+        if committed and path.exists() and len(path.read_text().splitlines()) >= kill_after:
             killed.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
