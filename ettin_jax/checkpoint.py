@@ -72,6 +72,16 @@ def copy_tokenizer(src_dir: str, workdir: str):
     return dst
 
 
+def read_meta(workdir: str, step: int) -> Optional[dict]:
+    """The `meta` item (step, non-pad tokens, phase) of a finished checkpoint, or None: Orbax's JsonSave writes it
+    as a small JSON file, read here without starting a CheckpointManager (sweeps poll many workdirs)."""
+    try:
+        with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 class Checkpoints:
     """Orbax CheckpointManager over a workdir: keep the last `keep_last` plus every `keep_period`-th step."""
 

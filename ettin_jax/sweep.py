@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import Optional, Sequence, Union
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,19 +210,27 @@ class PlannedPoint:
     def total_steps(self) -> int:
         return int(self.config.total_steps)
 
-    def steps_on_disk(self) -> list[int]:
-        return checkpoint_steps(self.workdir)
-
     def complete(self) -> bool:
-        return self.total_steps in self.steps_on_disk()
+        return run_status(self.workdir, self.config.total_steps, self.config.total_tokens) == "complete"
 
     def status(self) -> str:
-        if "://" in self.workdir:
-            return "remote"
-        steps = self.steps_on_disk()
-        if self.total_steps in steps:
-            return "complete"
-        return f"partial (step {steps[-1]} of {self.total_steps})" if steps else "new"
+        return run_status(self.workdir, self.config.total_steps, self.config.total_tokens)
+
+
+def run_status(workdir: str, total_steps: int, total_tokens: float) -> str:
+    """'complete' when the latest finished checkpoint ended its run by the trainer's rule (`train.run_complete`: the
+    token budget, or total_steps); 'partial (...)' when a checkpoint exists; 'new' otherwise."""
+    from ettin_jax import checkpoint, train
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        return "new"
+    meta = checkpoint.read_meta(workdir, steps[-1]) or {}
+    budget = types.SimpleNamespace(total_steps=int(total_steps or 0), total_tokens=float(total_tokens or 0))
+    if train.run_complete(budget, meta.get("step", steps[-1]), meta.get("tokens", 0)):
+        return "complete"
+    if budget.total_tokens > 0:
+        return f"partial (step {steps[-1]}, {meta.get('tokens', 0):,} of {budget.total_tokens:,.0f} tokens)"
+    return f"partial (step {steps[-1]} of {budget.total_steps})"
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -421,7 +430,8 @@ def run(points: Sequence[PlannedPoint], *, parallel: int = 1, out=sys.stdout) ->
     for pt in points:
         if pt.complete():
             results[pt.name] = "skipped"
-            print(f"sweep: {pt.name}: complete (checkpoint at step {pt.total_steps}), skipped", file=out)
+            print(f"sweep: {pt.name}: complete (checkpoint at step {checkpoint_steps(pt.workdir)[-1]}), skipped",
+                  file=out)
         else:
             todo.append(pt)
     for pt in points:  # the record the report reads (written before training, so a point not yet run shows too)
@@ -493,14 +503,13 @@ def gather(workdir_root: str) -> tuple[list[str], list[dict]]:
     rows = []
     for wd, p in points:
         metrics = _last_row(os.path.join(wd, "metrics.jsonl"))
-        total = None
         saved = os.path.join(wd, "config.json")
+        budget = {}
         if os.path.exists(saved):
             with open(saved) as f:
-                total = json.load(f).get("total_steps")
-        steps = checkpoint_steps(wd)
-        status = "complete" if total is not None and total in steps else (
-            f"partial ({steps[-1]}/{total})" if steps else "not started")
+                budget = json.load(f)
+        status = run_status(wd, budget.get("total_steps", 0), budget.get("total_tokens", 0))
+        status = "not started" if status == "new" else status
         rows.append(dict(point=p["name"], **{k: p["overrides"].get(k) for k in keys}, status=status,
                          **metrics))
     return keys, rows

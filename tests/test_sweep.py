@@ -240,3 +240,19 @@ def test_sweep_kill_resume_skip_report(config_file, tmp_path):
     assert all(r["status"] == "complete" and r["step"] == "60" for r in rows.values())
     png = root / "report_objective.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_status_follows_the_trainers_end_of_run_rule(tmp_path):
+    """A run ends at its token budget before its total_steps cap: such a point is complete, not partial."""
+    def checkpoint_at(step, tokens):
+        meta = tmp_path / "checkpoints" / str(step) / "meta"
+        meta.mkdir(parents=True)
+        (meta / "metadata").write_text(json.dumps(dict(step=step, tokens=tokens, phase="pretrain")))
+
+    assert sweep.run_status(str(tmp_path), 100, 1000) == "new"
+    checkpoint_at(3, 600)
+    assert sweep.run_status(str(tmp_path), 100, 1000) == "partial (step 3, 600 of 1,000 tokens)"
+    checkpoint_at(5, 1000)  # the budget reached at step 5, far below the cap
+    assert sweep.run_status(str(tmp_path), 100, 1000) == "complete"
+    assert sweep.run_status(str(tmp_path), 5, 0) == "complete"  # no token budget: total_steps ends the run
+    assert sweep.run_status(str(tmp_path), 6, 0) == "partial (step 5 of 6)"
