@@ -1,6 +1,6 @@
 """Ettin's recipe at any size, objective and phase (reference section 3, the official YAMLs).
 
-    ettin train --config=configs/ettin.py:size=150m,objective=mlm,phase=pretrain --workdir=gs://BUCKET/ettin-150m-enc
+    ettin train --config=configs/ettin.py:size=150m,objective=mlm,phase=pretrain --workdir=/mnt/BUCKET/ettin-150m-enc
 
 size: 17m 32m 68m 150m 400m 1b (tiny for tests); objective: mlm clm paired (mntp for encoder-from-decoder);
 phase: pretrain (1.7T tokens at 1024), extension (250B at 7999, from pretrain: --config.init_from=WORKDIR),

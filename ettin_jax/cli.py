@@ -27,6 +27,16 @@ SUBCOMMANDS = {
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull")
 
 
+def flag_error(e: Exception) -> str:
+    """A flag error in one line. config_flags re-raises a config's own error (an unknown size, say) with the
+    traceback pasted into the message; the original error, at the end of the exception chain, says it all."""
+    head = str(e).splitlines()[0].replace("Error whilst parsing config file:", "").strip()
+    root = e
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    return head if root is e else f"{head} {str(root).strip().splitlines()[0]}"
+
+
 def parse_flags(fv, argv: list[str], usage_line: str):
     """Parses a subcommand's private absl FlagValues: its positional arguments, or an exit status.
 
@@ -42,7 +52,8 @@ def parse_flags(fv, argv: list[str], usage_line: str):
     try:
         return fv(argv)[1:]
     except flags.Error as e:
-        print(f"{prog}: error: {e}; usage: {prog} {usage_line} (see `{prog} --help`)", file=sys.stderr)
+        print(f"{prog}: error: {flag_error(e)}; usage: {prog} {usage_line} (see `{prog} --help`)",
+              file=sys.stderr)
         return 2
 
 

@@ -505,6 +505,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
 
     # Everything is checked before anything is written into the workdir, so a refused config leaves it as it was
     # (a fixed command then runs there): the config, the mesh, the resume, the data, the tokenizer, init_from.
+    sharding.check_workdir(workdir)
     models = validate_config(config)
     mesh = sharding.make_mesh(config.mesh)
     for cfg in models.values():
@@ -711,17 +712,7 @@ def _progress(config, start_step: int, tokens_seen: int):
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-def flag_error(e: Exception) -> str:
-    """A flag error in one line. config_flags re-raises a config's own error (an unknown size, say) with the
-    traceback pasted into the message; the original error, at the end of the exception chain, says it all."""
-    head = str(e).splitlines()[0].replace("Error whilst parsing config file:", "").strip()
-    root = e
-    while root.__cause__ or root.__context__:
-        root = root.__cause__ or root.__context__
-    return head if root is e else f"{head} {str(root).strip().splitlines()[0]}"
-
-
-USAGE = ("usage: ettin train --config=configs/ettin.py:size=SIZE,objective=OBJECTIVE,phase=PHASE --workdir=DIR "
+USAGE = ("--config=configs/ettin.py:size=SIZE,objective=OBJECTIVE,phase=PHASE --workdir=DIR "
          "[--config.x=y ...]")
 
 
@@ -745,19 +736,16 @@ def main(argv, subcommand=None) -> int:
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (multi-process runs)",
                          flag_values=fv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(f"{USAGE}\n\n{fv.get_help()}")
-        return 0
-    try:
-        rest = fv(argv)[1:]
-    except flags.Error as e:
-        print(f"ettin train: {flag_error(e)}", file=sys.stderr)
-        return 2
+    from ettin_jax import cli
+    rest = cli.parse_flags(fv, argv, USAGE)
+    if isinstance(rest, int):
+        return rest
     if rest:
-        print(f"ettin train: unexpected arguments {' '.join(rest)}; {USAGE}", file=sys.stderr)
+        print(f"ettin train: error: unexpected arguments {' '.join(rest)}; usage: ettin train {USAGE}",
+              file=sys.stderr)
         return 2
     if not fv.workdir:
-        print(f"ettin train: --workdir is required; {USAGE}", file=sys.stderr)
+        print(f"ettin train: error: --workdir is required; usage: ettin train {USAGE}", file=sys.stderr)
         return 2
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # absl logging (Orbax's) otherwise warns that flags were never parsed

@@ -3,7 +3,8 @@
 #
 #   bash experiments/pretrain_pair.sh demo  runs/demo          # configs/demo.py: 4 layers x 128, 120 steps (CPU)
 #   bash experiments/pretrain_pair.sh 17m   runs/p17m runlocal # Ettin's 17m recipe shrunk to a CPU run
-#   bash experiments/pretrain_pair.sh 150m  gs://B/p150m       # the real thing (TPU/GPU), 1.7T tokens
+#   bash experiments/pretrain_pair.sh 150m  /mnt/B/p150m       # the real thing (TPU/GPU), 1.7T tokens; a bucket
+#                                                              # mounted with gcsfuse (docs/scaling.md)
 #
 # Extra arguments after the workdir go to `ettin train` (e.g. --config.total_steps=200).
 set -euo pipefail

@@ -17,7 +17,7 @@ def test_help_and_unknown_subcommand(capsys):
     assert "unknown subcommand 'trian'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sub", ["export", "import", "fill-mask", "generate", "bench", "tokenizer", "batches",
+@pytest.mark.parametrize("sub", ["train", "export", "import", "fill-mask", "generate", "bench", "tokenizer", "batches",
                                  "sweep", "sweep-report"])
 def test_every_subcommand_answers_help_and_bad_flags(sub, capsys):
     assert cli.main(["ettin", sub, "--help"]) == 0
@@ -75,3 +75,12 @@ def test_import_refuses_a_non_empty_workdir(tmp_path, capsys):
 def test_export_of_a_missing_workdir(tmp_path, capsys):
     assert cli.main(["ettin", "export", f"--workdir={tmp_path / 'nope'}", f"--out={tmp_path / 'o'}"]) == 2
     assert "not an ettin workdir" in capsys.readouterr().err
+
+
+def test_train_refuses_a_bucket_url_workdir(tmp_path, capsys, monkeypatch):
+    """gs://B/x would become a local folder named 'gs:': refused before anything is written, naming the mount."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ettin", "train", "--workdir=gs://my-bucket/runs/demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket" in err
+    assert not (tmp_path / "gs:").exists()
