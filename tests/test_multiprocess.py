@@ -33,6 +33,7 @@ def _launch(workdir, port, process_id):
     cmd = [sys.executable, "-m", "ettin_jax.cli", "train", "--config=configs/demo.py", f"--workdir={workdir}",
            *[f"--config.model.{k}={v}" for k, v in MODEL.items()],
            "--config.global_batch_size=8", "--config.seq_len=64", f"--config.total_steps={STEPS}",
+           "--config.total_tokens=0",  # total_steps is the budget (the schedule's horizon), as in test_train.small
            "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.data.num_streams=8",
            "--config.mesh.data=1", "--config.mesh.fsdp=-1",
            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
