@@ -6,7 +6,8 @@
 #   bash experiments/pretrain_pair.sh 150m  /mnt/B/p150m       # the real thing (TPU/GPU), 1.7T tokens; a bucket
 #                                                              # mounted with gcsfuse (docs/scaling.md)
 #
-# Extra arguments after the workdir go to `ettin train` (e.g. --config.total_steps=200).
+# Extra arguments after the workdir go to `ettin train` (e.g. --config.total_tokens=N: a smaller budget, the
+# whole schedule; --config.total_steps=N stops at step N with the schedule unchanged).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:?size: demo or one of 17m 32m 68m 150m 400m 1b tiny}
