@@ -221,7 +221,7 @@ def verdict(rows, results):
 def timing_note(seconds):
     """The evaluation time for the report: per model and task, wall-clock seconds (runner.evaluate_paths)."""
     return (f"Evaluation took {sum(seconds.values()) / 60:.1f} minutes of wall-clock time, summed over models and "
-            "tasks (run as parallel processes on a shared 2-core machine, so less time elapsed).")
+            "tasks (less elapsed where they ran as parallel processes).")
 
 
 def main(argv=None):
