@@ -29,18 +29,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, port, process_id):
-    cmd = [sys.executable, "-m", "ettin_jax.cli", "train", "--config=configs/demo.py", f"--workdir={workdir}",
-           *[f"--config.model.{k}={v}" for k, v in MODEL.items()],
-           "--config.global_batch_size=8", "--config.seq_len=64", f"--config.total_steps={STEPS}",
-           "--config.total_tokens=0",  # total_steps is the budget (the schedule's horizon), as in test_train.small
-           "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.data.num_streams=8",
-           "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
+def _train_command(workdir, port, process_id):
+    return [sys.executable, "-m", "ettin_jax.cli", "train", "--config=configs/demo.py", f"--workdir={workdir}",
+            *[f"--config.model.{k}={v}" for k, v in MODEL.items()],
+            "--config.global_batch_size=8", "--config.seq_len=64", f"--config.total_steps={STEPS}",
+            "--config.total_tokens=0",  # total_steps is the budget (the schedule's horizon), as in test_train.small
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.data.num_streams=8",
+            "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
+
+
+def _run_together(commands, timeout):
+    """Starts one process per command at once (4 CPU devices each, no inherited coordinator settings) and returns
+    their outputs after checking that every one exited 0; a process still running on failure is killed."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
                                                             "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
     env.update(PYTHONPATH=REPO, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for c in commands]
+    try:
+        outs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
 
 
 def _provenance(workdir, host):
@@ -54,17 +69,7 @@ def _provenance(workdir, host):
 def test_two_processes_train_like_one(tmp_path, monkeypatch):
     multi = str(tmp_path / "two")
     port = _free_port()
-    procs = [_launch(multi, port, i) for i in (0, 1)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=540)[0].decode())
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = _run_together([_train_command(multi, port, i) for i in (0, 1)], timeout=540)
     assert "'fsdp': 8" in outs[0]  # one mesh over both processes' devices
 
     # The reference: one process with all 8 devices, same config and mesh.
@@ -116,18 +121,7 @@ def test_hybrid_mesh_puts_the_dcn_axis_across_processes():
     no slice_index): the within-slice sizes resolve against 4 devices (fsdp=-1 -> 4), data spans the 2 slices, and
     each data row holds exactly one slice's devices, so only `data` crosses the slower network."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
-                                                            "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    env.update(PYTHONPATH=REPO, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", _HYBRID, f"localhost:{port}", str(i)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = _run_together([[sys.executable, "-c", _HYBRID, f"localhost:{port}", str(i)] for i in (0, 1)], timeout=240)
+    for out in outs:
         got = json.loads(out.strip().splitlines()[-1])
         assert got == dict(shape=dict(data=2, fsdp=4, sequence=1, tensor=1), processes=[[0], [1]]), got
