@@ -72,6 +72,15 @@ def copy_tokenizer(src_dir: str, workdir: str):
     return dst
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the finished checkpoints in a workdir (Orbax renames a step's folder to its number, and writes
+    commit_success.txt, only once the save is complete)."""
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
 def read_meta(workdir: str, step: int) -> Optional[dict]:
     """The `meta` item (step, non-pad tokens, phase) of a finished checkpoint, or None: Orbax's JsonSave writes it
     as a small JSON file, read here without starting a CheckpointManager (sweeps poll many workdirs)."""

@@ -37,12 +37,12 @@ def flag_error(e: Exception) -> str:
     return head if root is e else f"{head} {str(root).strip().splitlines()[0]}"
 
 
-def parse_flags(fv, argv: list[str], usage_line: str):
+def parse_flags(fv, argv: list[str], usage_line: str, *, positional: bool = False):
     """Parses a subcommand's private absl FlagValues: its positional arguments, or an exit status.
 
-    `--help` prints `usage_line` and the flags and gives 0; an unknown or malformed flag is one line on stderr (the
-    error and the usage) and gives 2. So every subcommand answers `ettin SUBCOMMAND --help` the same way, never
-    with a traceback.
+    `--help` prints `usage_line` and the flags and gives 0; an unknown or malformed flag, or a positional argument
+    where the subcommand takes none (`positional=False`), is one line on stderr (the error and the usage) and gives
+    2. So every subcommand answers `ettin SUBCOMMAND --help` and bad arguments the same way, never with a traceback.
     """
     prog = argv[0] if argv else "ettin"
     if any(a in HELP_FLAGS for a in argv[1:]):
@@ -50,7 +50,10 @@ def parse_flags(fv, argv: list[str], usage_line: str):
         return 0
     fv.unparse_flags()  # a second call in one process must not see the first call's values
     try:
-        return fv(argv)[1:]
+        rest = fv(argv)[1:]
+        if rest and not positional:
+            raise flags.Error(f"unexpected arguments {' '.join(rest)}")
+        return rest
     except flags.Error as e:
         print(f"{prog}: error: {flag_error(e)}; usage: {prog} {usage_line} (see `{prog} --help`)",
               file=sys.stderr)

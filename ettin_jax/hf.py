@@ -419,9 +419,6 @@ def main(argv, subcommand=None):
     rest = cli.parse_flags(fv, argv, usage_line)
     if isinstance(rest, int):
         return rest
-    if rest:
-        print(f"{argv[0]}: error: unexpected arguments {' '.join(rest)}", file=sys.stderr)
-        return 2
     try:
         if subcommand == "export":
             if not fv.workdir or not fv.out:

@@ -368,8 +368,6 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
     if isinstance(rest, int):
         return rest
     try:
-        if rest:
-            raise ValueError(f"unexpected arguments {' '.join(rest)}")
         _check_flags(subcommand, fv)
         params, cfg, arch, tokenizer_dir = load_model(
             fv.model, which=fv.which, prefer="encoder" if subcommand == "fill-mask" else "decoder")

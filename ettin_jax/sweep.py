@@ -221,7 +221,7 @@ def run_status(workdir: str, total_steps: int, total_tokens: float) -> str:
     """'complete' when the latest finished checkpoint ended its run by the trainer's rule (`train.run_complete`: the
     token budget, or total_steps); 'partial (...)' when a checkpoint exists; 'new' otherwise."""
     from ettin_jax import checkpoint, train
-    steps = checkpoint_steps(workdir)
+    steps = checkpoint.checkpoint_steps(workdir)
     if not steps:
         return "new"
     meta = checkpoint.read_meta(workdir, steps[-1]) or {}
@@ -231,15 +231,6 @@ def run_status(workdir: str, total_steps: int, total_tokens: float) -> str:
     if budget.total_tokens > 0:
         return f"partial (step {steps[-1]}, {meta.get('tokens', 0):,} of {budget.total_tokens:,.0f} tokens)"
     return f"partial (step {steps[-1]} of {budget.total_steps})"
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the finished checkpoints in a workdir (Orbax renames a step's folder to its number, and writes
-    commit_success.txt, only once the save is complete)."""
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
-        return []
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
 
 def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ()) -> list[PlannedPoint]:
@@ -430,8 +421,8 @@ def run(points: Sequence[PlannedPoint], *, parallel: int = 1, out=sys.stdout) ->
     for pt in points:
         if pt.complete():
             results[pt.name] = "skipped"
-            print(f"sweep: {pt.name}: complete (checkpoint at step {checkpoint_steps(pt.workdir)[-1]}), skipped",
-                  file=out)
+            last = checkpoint.checkpoint_steps(pt.workdir)[-1]
+            print(f"sweep: {pt.name}: complete (checkpoint at step {last}), skipped", file=out)
         else:
             todo.append(pt)
     for pt in points:  # the record the report reads (written before training, so a point not yet run shows too)
@@ -617,9 +608,6 @@ def main(argv, subcommand="sweep"):
                            "--workdir_root=DIR [--out=DIR]")
     if isinstance(rest, int):
         return rest
-    if rest:
-        print(f"{name}: error: unexpected arguments {' '.join(rest)}", file=sys.stderr)
-        return 2
     if not fv.workdir_root:
         print(f"{name}: --workdir_root is required", file=sys.stderr)
         return 2

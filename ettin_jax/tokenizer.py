@@ -327,7 +327,8 @@ def main(argv: list[str], subcommand: str | None = None) -> int:
     """`ettin tokenizer train ...`; returns the exit status. Errors are one line on stderr, not a traceback."""
     prog = argv[0] if argv else "ettin tokenizer"
     from ettin_jax import cli
-    positional = cli.parse_flags(FLAGS, argv, USAGE)  # unparses first: a second call must not add to --input
+    # parse_flags unparses first: a second call in one process must not add to the first call's --input list.
+    positional = cli.parse_flags(FLAGS, argv, USAGE, positional=True)
     if isinstance(positional, int):
         return positional
     if positional != ["train"]:

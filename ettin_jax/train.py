@@ -345,11 +345,6 @@ def _first_mismatch(expected, got) -> Optional[str]:
     return None
 
 
-def _has_checkpoints(workdir: str) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
-
-
 def _source_arch(config, arch: str, available) -> Optional[str]:
     """Which architecture of a previous run `arch` starts from: the other one in a cross-objective run (the same
     one as a fallback); the same one in a phase continuation (the other one as a fallback for init_mode=weights)."""
@@ -522,7 +517,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     for arch, cfg in models.items():
         check_compatible(tok, cfg.vocab_size, {k: getattr(cfg, f"{k}_token_id") for k in
                                                ("pad", "cls", "sep", "mask", "unk")})
-    if config.init_mode != "none" and not _has_checkpoints(workdir):  # a resume restores the workdir's own state
+    # init_from only starts a run: a resume restores the workdir's own state.
+    if config.init_mode != "none" and not ckpt_lib.checkpoint_steps(workdir):
         check_init_source(config, models, tok)
     if jax.process_index() == 0:  # one writer: processes sharing a workdir would race on the temporary files
         ckpt_lib.write_json(workdir, "config.json", config_to_dict(config))
@@ -740,10 +736,6 @@ def main(argv, subcommand=None) -> int:
     rest = cli.parse_flags(fv, argv, USAGE)
     if isinstance(rest, int):
         return rest
-    if rest:
-        print(f"ettin train: error: unexpected arguments {' '.join(rest)}; usage: ettin train {USAGE}",
-              file=sys.stderr)
-        return 2
     if not fv.workdir:
         print(f"ettin train: error: --workdir is required; usage: ettin train {USAGE}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ def test_help_and_unknown_subcommand(capsys):
 
 
 @pytest.mark.parametrize("sub", ["train", "export", "import", "fill-mask", "generate", "bench", "tokenizer", "batches",
-                                 "sweep", "sweep-report"])
+                                 "sweep", "sweep-report", "eval"])
 def test_every_subcommand_answers_help_and_bad_flags(sub, capsys):
     assert cli.main(["ettin", sub, "--help"]) == 0
     out = capsys.readouterr().out
@@ -26,6 +26,10 @@ def test_every_subcommand_answers_help_and_bad_flags(sub, capsys):
     assert cli.main(["ettin", sub, "--no_such_flag=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no_such_flag" in err and f"ettin {sub} --help" in err
+    if sub != "tokenizer":  # the one subcommand with a positional argument (its action, `train`)
+        assert cli.main(["ettin", sub, "stray"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "unexpected arguments stray" in err and f"usage: ettin {sub} " in err
 
 
 def _hf_folder(path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ettin_jax import sweep
+from ettin_jax import checkpoint, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,14 +200,14 @@ def test_sweep_kill_resume_skip_report(config_file, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "ettin_jax.cli", *args], cwd=REPO, env=_env(),
                                 stdout=f, stderr=subprocess.STDOUT)
     try:
-        caught = _wait_for(lambda: [s for s in sweep.checkpoint_steps(str(mlm)) if s < 60], proc, 240)
+        caught = _wait_for(lambda: [s for s in checkpoint.checkpoint_steps(str(mlm)) if s < 60], proc, 240)
         assert caught, f"no partial checkpoint seen; sweep output:\n{log.read_text()}"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert 60 not in sweep.checkpoint_steps(str(mlm)) and not sweep.checkpoint_steps(str(clm))
+    assert 60 not in checkpoint.checkpoint_steps(str(mlm)) and not checkpoint.checkpoint_steps(str(clm))
 
     # 2. Started again (two points at a time): the killed point resumes, after its orphaned trainer (told by
     # SIGTERM when the sweep died) has saved and left; the other starts.
@@ -216,7 +216,7 @@ def test_sweep_kill_resume_skip_report(config_file, tmp_path):
     assert "objective=mlm: resuming, partial" in r.stdout
     assert "resumed from step" in r.stdout
     assert "objective=clm: starting, new" in r.stdout
-    assert sweep.checkpoint_steps(str(mlm))[-1] == 60 and sweep.checkpoint_steps(str(clm))[-1] == 60
+    assert checkpoint.checkpoint_steps(str(mlm))[-1] == 60 and checkpoint.checkpoint_steps(str(clm))[-1] == 60
     steps = [json.loads(l)["step"] for l in (mlm / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 60
 

@@ -32,19 +32,16 @@ flags.DEFINE_integer("contrastive_steps", 150, "retrieval fine-tuning steps (bat
                      flag_values=FLAGS)
 flags.DEFINE_boolean("quiet", False, "print only the table", flag_values=FLAGS)
 
-USAGE = "usage: ettin eval --workdir=A [--workdir=B ...] [--tasks=all] [--pll] [--out=eval_results.json]"
+USAGE = "--workdir=A [--workdir=B ...] [--tasks=all] [--pll] [--out=eval_results.json]"
 
 
 def main(argv, subcommand="eval") -> int:
+    from ettin_jax import cli
     prog = argv[0] if argv else "ettin eval"
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(USAGE + "\n\n" + FLAGS.module_help(__name__))
-        return 0
-    FLAGS.unparse_flags()
+    rest = cli.parse_flags(FLAGS, argv, USAGE)
+    if isinstance(rest, int):
+        return rest
     try:
-        rest = FLAGS(argv)[1:]
-        if rest:
-            raise ValueError(f"unexpected arguments {' '.join(rest)}")
         if not FLAGS.workdir:
             raise ValueError("--workdir is required (repeat it to compare several)")
         names = tasks.resolve(FLAGS.tasks)
@@ -57,9 +54,6 @@ def main(argv, subcommand="eval") -> int:
             FLAGS.workdir, names, which=FLAGS.which, pll=FLAGS.pll, data_dir=FLAGS.data_dir,
             glue_dir=FLAGS.glue_dir, finetune=classification.FinetuneConfig(lrs=lrs, epochs=FLAGS.epochs),
             contrastive=retrieval.ContrastiveConfig(steps=FLAGS.contrastive_steps), log=log)
-    except flags.Error as e:
-        print(f"{prog}: error: {e} (see `{prog} --help`)", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
