@@ -72,6 +72,24 @@ def copy_tokenizer(src_dir: str, workdir: str):
     return dst
 
 
+def check_workdir(path: str) -> str:
+    """Refuses a workdir that is a URL (gs://, s3://, ...); returns the path unchanged otherwise.
+
+    The trainer writes its workdir with local file I/O (config.json, metrics.jsonl, provenance/, tensorboard/,
+    the tokenizer), which would turn gs://B/x into a local folder named "gs:". A bucket is used through a mount
+    (gcsfuse), which every host of a pod slice sees as the same directory.
+    """
+    scheme, sep, rest = str(path).partition("://")
+    if sep and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        bucket, _, sub = rest.partition("/")
+        mount = f"/mnt/{bucket or 'BUCKET'}"
+        how = f"`gcsfuse --implicit-dirs {bucket} {mount}`" if scheme == "gs" else "a FUSE mount"
+        raise ValueError(f"workdir {path!r} is a {scheme}:// URL, but the workdir is written with local file I/O: "
+                         f"mount the bucket on every host ({how}) and pass the mount path, "
+                         f"--workdir={mount}/{sub} (docs/scaling.md)")
+    return path
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the finished checkpoints in a workdir (Orbax renames a step's folder to its number, and writes
     commit_success.txt, only once the save is complete)."""

@@ -137,24 +137,6 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence] = None) -> Mesh:
     return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
-def check_workdir(path: str) -> str:
-    """Refuses a workdir that is a URL (gs://, s3://, ...); returns the path unchanged otherwise.
-
-    The trainer writes its workdir with local file I/O (config.json, metrics.jsonl, provenance/, tensorboard/,
-    the tokenizer), which would turn gs://B/x into a local folder named "gs:". A bucket is used through a mount
-    (gcsfuse), which every host of a pod slice sees as the same directory.
-    """
-    scheme, sep, rest = str(path).partition("://")
-    if sep and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
-        bucket, _, sub = rest.partition("/")
-        mount = f"/mnt/{bucket or 'BUCKET'}"
-        how = f"`gcsfuse --implicit-dirs {bucket} {mount}`" if scheme == "gs" else "a FUSE mount"
-        raise ValueError(f"workdir {path!r} is a {scheme}:// URL, but the workdir is written with local file I/O: "
-                         f"mount the bucket on every host ({how}) and pass the mount path, "
-                         f"--workdir={mount}/{sub} (docs/scaling.md)")
-    return path
-
-
 def validate(model_cfg, mesh: Mesh, global_batch_size: int, *, seq_len: Optional[int] = None,
              micro_batch_size: int = 0):
     """Clear errors, before compilation, for shapes the mesh cannot divide."""

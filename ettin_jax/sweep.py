@@ -235,9 +235,9 @@ def run_status(workdir: str, total_steps: int, total_tokens: float) -> str:
 
 def plan(config: str, sweep: str, workdir_root: str, common: Sequence[str] = ()) -> list[PlannedPoint]:
     """Loads, names and validates every point of a sweep; raises SweepError before anything runs."""
-    from ettin_jax import sharding, train
+    from ettin_jax import checkpoint, train
     try:  # on a TPU VM as much as here: the trainer writes its workdir with local file I/O
-        sharding.check_workdir(workdir_root)
+        checkpoint.check_workdir(workdir_root)
     except ValueError as e:
         raise SweepError(f"--workdir_root: {e}") from None
     path, arg = split_config_arg(config)

@@ -500,7 +500,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
 
     # Everything is checked before anything is written into the workdir, so a refused config leaves it as it was
     # (a fixed command then runs there): the config, the mesh, the resume, the data, the tokenizer, init_from.
-    sharding.check_workdir(workdir)
+    ckpt_lib.check_workdir(workdir)
     models = validate_config(config)
     mesh = sharding.make_mesh(config.mesh)
     for cfg in models.values():
