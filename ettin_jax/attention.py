@@ -13,8 +13,13 @@ so exported models behave identically there; Ettin's training code saw 65 keys (
 
 Implementations (all computing the same function, tested against `reference_attention`):
   * `reference_attention`: dense [T, S] scores; the ground truth, also used for KV-cache decoding.
+  * `tiled_core` / `tiled_attention`: the CPU path of every layer. Heads-major rows a cache-sized tile at a time
+    (the scores, mask and softmax of a tile stay in L2), with a flash-attention style custom VJP that recomputes
+    each tile's scores from the saved row max and sum: ~2x the dense path's speed on XLA:CPU and O(T) memory.
   * `blocked_attention`: sliding-window layers in O(T * w): queries in blocks of `block` against their own and
-    the neighbouring key blocks only.
+    the neighbouring key blocks only (through the tiled core).
+  * `chunked_attention`: causal global layers, query chunks against the keys they can see (through the tiled
+    core).
   * `dot_product_attention` with implementation 'cudnn' on GPU (via `jax.nn.dot_product_attention`).
   * `splash_attention`: the TPU Pallas kernel; on a multi-device mesh inside `jax.shard_map` over the batch and
     head axes that the active logical-axis rules give the activations (`splash_partition`).
@@ -117,11 +122,155 @@ def reference_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=
     return _softmax_attend(q, k, v, ok, 1.0 / math.sqrt(q.shape[-1]))
 
 
-def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64):
+# --------------------------------------------------------------------- the tiled core (CPU and any XLA backend)
+
+# Bytes of fp32 scores one step of the tiled core works on: small enough to stay in the CPU's L2 (2 MB per core
+# here) while the mask, softmax and both products pass over them; measured best at 2-8 MB (docs/perf.md).
+TILE_BYTES = 4 * 2 ** 20
+
+
+def _tile_visible(qs, ks, qi, ki, band):
+    return visible(qi[..., :, None], ki[..., None, :], qs[..., :, None], ks[..., None, :], band)
+
+
+def _tile_forward(q, k, v, qs, ks, qi, ki, band, scale):
+    """One tile: q [G, tq, D] against k, v [G, Tk, D] -> out [G, tq, D], row max and row sum [G, tq]."""
+    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(_tile_visible(qs, ks, qi, ki, band), s, _NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("gqk,gkd->gqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
+    return o.astype(v.dtype), m[..., 0], l[..., 0]
+
+
+def _tile_backward(q, k, v, qs, ks, qi, ki, o, m, l, do, band, scale):
+    """Gradients of one tile, its probabilities recomputed from the saved row max and sum (flash-attention style)."""
+    ok = _tile_visible(qs, ks, qi, ki, band)
+    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
+    p = jnp.exp(jnp.where(ok, s, _NEG_INF) - m[..., None]) / l[..., None]
+    do32 = do.astype(jnp.float32)
+    dv = jnp.einsum("gqk,gqd->gkd", p, do32)
+    dp = jnp.einsum("gqd,gkd->gqk", do32, v.astype(jnp.float32))
+    delta = jnp.sum(do32 * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = jnp.where(ok, p * (dp - delta), 0.0) * scale
+    dq = jnp.einsum("gqk,gkd->gqd", ds, k.astype(jnp.float32))
+    dk = jnp.einsum("gqk,gqd->gkd", ds, q.astype(jnp.float32))
+    return dq, dk, dv
+
+
+def _groups(x, g):  # [N, ...] -> [N / g, g, ...]
+    return x.reshape(x.shape[0] // g, g, *x.shape[1:])
+
+
+def _qtiles(x, tq):  # [g, Tq, ...] -> [Tq / tq, g, tq, ...]
+    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // tq, tq, *x.shape[2:]), 1, 0)
+
+
+def _untile(x):  # inverse of _qtiles
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _tiled(q, k, v, qs, ks, qi, ki, band, scale, g, tq):
+    return _tiled_fwd(q, k, v, qs, ks, qi, ki, band, scale, g, tq)[0]
+
+
+def _tiled_fwd(q, k, v, qs, ks, qi, ki, band, scale, g, tq):
+    def group(args):
+        gq, gk, gv, gqs, gks, gqi, gki = args
+        if tq == gq.shape[1]:
+            return _tile_forward(gq, gk, gv, gqs, gks, gqi, gki, band, scale)
+        tiles = jax.lax.map(lambda a: _tile_forward(a[0], gk, gv, a[1], gks, a[2], gki, band, scale),
+                            (_qtiles(gq, tq), _qtiles(gqs, tq), _qtiles(gqi, tq)))
+        return tuple(_untile(x) for x in tiles)
+
+    o, m, l = jax.lax.map(group, tuple(_groups(x, g) for x in (q, k, v, qs, ks, qi, ki)))
+    o, m, l = o.reshape(q.shape), m.reshape(q.shape[:2]), l.reshape(q.shape[:2])
+    return o, (q, k, v, qs, ks, qi, ki, o, m, l)
+
+
+def _tiled_bwd(band, scale, g, tq, res, do):
+    q, k, v, qs, ks, qi, ki, o, m, l = res
+
+    def group(args):
+        gq, gk, gv, gqs, gks, gqi, gki, go, gm, gl, gdo = args
+        if tq == gq.shape[1]:
+            return _tile_backward(gq, gk, gv, gqs, gks, gqi, gki, go, gm, gl, gdo, band, scale)
+
+        def tile(acc, a):  # keys and values gather their gradients over the query tiles
+            dq, dk, dv = _tile_backward(a[0], gk, gv, a[1], gks, a[2], gki, a[3], a[4], a[5], a[6], band, scale)
+            return (acc[0] + dk, acc[1] + dv), dq
+
+        zeros = jnp.zeros(gk.shape, jnp.float32)
+        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), tuple(_qtiles(x, tq) for x in (gq, gqs, gqi, go, gm, gl, gdo)))
+        return _untile(dq), dk, dv
+
+    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, k, v, qs, ks, qi, ki, o, m, l, do)))
+    return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
+            dv.reshape(v.shape).astype(v.dtype), None, None, None, None)
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+def _heads_major(x):  # [..., T, H, D] -> [prod(...) * H, T, D]
+    x = jnp.swapaxes(x, -3, -2)
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def _per_head(x, h):  # [..., T] -> [prod(...) * H, T]
+    x = x.reshape(-1, x.shape[-1])
+    return jnp.broadcast_to(x[:, None], (x.shape[0], h, x.shape[1])).reshape(-1, x.shape[-1])
+
+
+def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: int = TILE_BYTES):
+    """Masked softmax attention over heads-major rows, one cache-sized tile at a time.
+
+    qh [N, Tq, D], kh/vh [N, Tk, D]; qs/qi [N, Tq] and ks/ki [N, Tk] are the segment ids and indices the mask is
+    computed from (`visible`). The N rows are taken g at a time (and the queries tq at a time when one row's
+    [Tq, Tk] scores exceed `tile_bytes`), so the scores, their mask, exponentials and gradients stay in cache; the
+    backward pass recomputes each tile's scores from the saved row max and sum instead of storing [Tq, Tk].
+    """
+    n, t_q, d = qh.shape
+    t_k = kh.shape[1]
+    row = t_q * t_k * 4
+    if row <= tile_bytes:
+        tq = t_q
+        g = max(1, min(n, tile_bytes // row))
+        while n % g:
+            g -= 1
+    else:
+        g, tq = 1, max(8, (tile_bytes // (t_k * 4)) // 8 * 8)
+    pad = -t_q % tq
+    if pad:  # padded queries see no key (segment -2 never matches) and are cut off again
+        qh = jnp.pad(qh, ((0, 0), (0, pad), (0, 0)))
+        qs = jnp.pad(qs, ((0, 0), (0, pad)), constant_values=-2)
+        qi = jnp.pad(qi, ((0, 0), (0, pad)))
+    out = _tiled(qh, kh, vh, qs, ks, qi, ki, band, 1.0 / math.sqrt(d), g, min(tq, t_q + pad))
+    return out[:, :t_q]
+
+
+def tiled_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=None, tile_bytes: int = TILE_BYTES):
+    """`reference_attention`'s function (same arguments, any leading dims) through `tiled_core`."""
+    *lead, t_q, h, d = q.shape
+    t_k = k.shape[-3]
+    if q_idx is None:
+        q_idx = jnp.broadcast_to(jnp.arange(t_q), q_seg.shape)
+    if k_idx is None:
+        k_idx = jnp.broadcast_to(jnp.arange(t_k), k_seg.shape)
+    o = tiled_core(_heads_major(q), _heads_major(k), _heads_major(v), _per_head(q_seg, h), _per_head(k_seg, h),
+                   _per_head(q_idx, h), _per_head(k_idx, h), band=band, tile_bytes=tile_bytes)
+    return jnp.swapaxes(o.reshape(*lead, h, t_q, d), -3, -2)
+
+
+def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile_bytes: int = TILE_BYTES):
     """Self-attention for a bounded band at O(T * block) cost.
 
     Queries are cut into blocks of `block`; each block sees its own key block and the neighbouring ones the band
     can reach (one behind if back > 0, one ahead if ahead > 0), so `block` must be at least the band's reach.
+    The blocks go through `tiled_core`, many blocks per tile.
     """
     back, ahead = band
     if back is None or ahead is None:
@@ -153,57 +302,34 @@ def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64):
                 parts.append(xp[:, :-1] if s < 0 else xp[:, 1:])
         return jnp.concatenate(parts, axis=2)
 
-    qb = blocks(q)
-    kb, vb = neighbours(blocks(k), 0), neighbours(blocks(v), 0)
-    qs, ks = blocks(segment_ids), neighbours(blocks(segment_ids), -1)
-    qi, ki = blocks(idx), neighbours(blocks(idx), -(10**9))
-    ok = visible(qi[..., :, None], ki[..., None, :], qs[..., :, None], ks[..., None, :], band)
-    out = _softmax_attend(qb, kb, vb, ok, 1.0 / math.sqrt(d))
+    out = tiled_attention(blocks(q), neighbours(blocks(k), 0), neighbours(blocks(v), 0),
+                          q_seg=blocks(segment_ids), k_seg=neighbours(blocks(segment_ids), -1),
+                          q_idx=blocks(idx), k_idx=neighbours(blocks(idx), -(10**9)), band=band,
+                          tile_bytes=tile_bytes)
     return out.reshape(b, n * block, h, d)[:, :t]
 
 
-def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 512, remat: bool = False):
+def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 256, tile_bytes: int = TILE_BYTES):
     """Self-attention in query chunks, each against the static key range its band can reach.
 
     For a causal band a chunk of queries [s, e) needs keys [0, e) only, so the causal global layers cost about
-    half of the dense [T, T] (the dense path computes and then masks the upper triangle). With `remat`, each
-    chunk's scores are recomputed in the backward pass instead of kept: memory O(chunk * T) per layer rather than
-    O(T^2), for long rows.
+    half of the dense [T, T] (the dense path computes and then masks the upper triangle). Each chunk goes through
+    `tiled_core`, so no layer ever holds its [T, T] scores: memory is O(T) per layer at any row length.
     """
     back, ahead = band
     b, t, h, d = q.shape
-    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-
-    def one(qc, kc, vc, qs, ks, qi, ki):
-        ok = visible(qi[:, :, None], ki[:, None, :], qs[:, :, None], ks[:, None, :], band)
-        return _softmax_attend(qc, kc, vc, ok, 1.0 / math.sqrt(d))
-
-    if remat:
-        # One chunk at a time in a scan: XLA:CPU schedules the recomputations of unrolled chunks side by side,
-        # which brings the O(T^2) memory back (10 GB at 1 x 8192). Every chunk sees every key (the mask does the
-        # rest), so the causal saving is traded for bounded memory on long rows.
-        one = jax.checkpoint(one)
-        n = -(-t // chunk)
-        pad = n * chunk - t
-        qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        sp = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-2)  # padded queries see nothing
-        ip = jnp.broadcast_to(jnp.arange(n * chunk), (b, n * chunk))
-        split = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
-
-        def body(_, xs):
-            qc, qs, qi = xs
-            return None, one(qc, k, v, qs, segment_ids, qi, idx)
-
-        _, out = jax.lax.scan(body, None, (split(qp), split(sp), split(ip)))
-        return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
+    qh, kh, vh = _heads_major(q), _heads_major(k), _heads_major(v)
+    seg = _per_head(segment_ids, h)
+    idx = jnp.broadcast_to(jnp.arange(t), seg.shape)
     outs = []
     for s in range(0, t, chunk):
         e = min(t, s + chunk)
         lo = 0 if back is None else max(0, s - back)
         hi = t if ahead is None else min(t, e + ahead)
-        outs.append(one(q[:, s:e], k[:, lo:hi], v[:, lo:hi], segment_ids[:, s:e], segment_ids[:, lo:hi],
-                        idx[:, s:e], idx[:, lo:hi]))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        outs.append(tiled_core(qh[:, s:e], kh[:, lo:hi], vh[:, lo:hi], seg[:, s:e], seg[:, lo:hi], idx[:, s:e],
+                               idx[:, lo:hi], band=band, tile_bytes=tile_bytes))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return jnp.swapaxes(o.reshape(b, h, t, d), 1, 2)
 
 
 def cudnn_arguments(segment_ids, band: Band) -> Optional[dict]:
@@ -367,26 +493,21 @@ def resolve_impl(impl: str, band: Band, t: int, *, block: int = 64, platform: Op
     return impl
 
 
-# Rows whose dense [B, H, T, T] fp32 scores would exceed this are chunked with recomputation in the backward pass.
-REMAT_SCORE_BYTES = 256 * 2 ** 20
-
-
 def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", block: int = 64):
     """Training-time self-attention (queries and keys are the same packed rows), dispatched by platform.
 
     impl: 'auto' (see `resolve_impl`), 'xla' (always dense), 'blocked' (blocked wherever the band is bounded),
-    'chunked' (query chunks against the keys the band reaches), 'cudnn' (GPU), 'splash' (TPU).
+    'chunked' (the tiled core; causal bands in query chunks against the keys they reach), 'cudnn' (GPU), 'splash'
+    (TPU).
     """
     b, t, h, _ = q.shape
     impl = resolve_impl(impl, band, t, block=block)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)
     if impl == "chunked":
-        remat = b * h * t * t * 4 > REMAT_SCORE_BYTES
-        if not remat and band[1] != 0:  # not causal: chunks would save nothing, one dense product
-            return reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
-        return chunked_attention(q, k, v, segment_ids=segment_ids, band=band, chunk=512 if remat else 256,
-                                 remat=remat)
+        if band[1] != 0:  # not causal: query chunks would skip no keys; one tiled call
+            return tiled_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
+        return chunked_attention(q, k, v, segment_ids=segment_ids, band=band)
     if impl == "xla":
         return reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
     if impl == "cudnn":

@@ -1,6 +1,7 @@
 """Every attention path equals `reference_attention` (fp32, 1e-5) for every mask kind, window and segment layout.
 
-Paths: blocked (sliding windows, CPU/XLA), chunked (query chunks, with and without recomputation), the cuDNN
+Paths: the tiled core (CPU: every layer, in cache-sized tiles, with a flash-style backward), blocked (sliding
+windows, through the tiled core), chunked (causal query chunks, through the tiled core), the cuDNN
 path's arguments (run through jax.nn.dot_product_attention's XLA implementation, which reads them the same way;
 cuDNN itself needs a GPU), and TPU splash attention in Pallas interpret mode (slow on CPU: marked slow but one).
 """
@@ -57,14 +58,58 @@ def test_blocked_equals_reference(band, layout, t, block):
 
 @pytest.mark.parametrize("band", list(BANDS))
 @pytest.mark.parametrize("layout", ["one", "padded", "packed"])
-@pytest.mark.parametrize("remat", [False, True])
-def test_chunked_equals_reference(band, layout, remat):
+@pytest.mark.parametrize("tile_bytes", [attention.TILE_BYTES, 4 * 8 * 100])
+def test_chunked_equals_reference(band, layout, tile_bytes):
     t = 100
     q, k, v = qkv(t, seed=1)
     seg = jnp.asarray(layouts(t)[layout])
-    got = jax.jit(attention.chunked_attention, static_argnames=("band", "chunk", "remat"))(
-        q, k, v, segment_ids=seg, band=BANDS[band], chunk=32, remat=remat)
+    got = jax.jit(attention.chunked_attention, static_argnames=("band", "chunk", "tile_bytes"))(
+        q, k, v, segment_ids=seg, band=BANDS[band], chunk=32, tile_bytes=tile_bytes)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
+
+
+# Tile budgets that force every shape of the tiled core: whole rows many at a time, one row at a time, and query
+# tiles of 8 rows (100 queries: the last tile padded) against all keys.
+TILES = {"rows": attention.TILE_BYTES, "one-row": 4 * 100 * 100, "query-tiles": 4 * 8 * 100}
+
+
+@pytest.mark.parametrize("band", list(BANDS))
+@pytest.mark.parametrize("layout", ["one", "padded", "packed"])
+@pytest.mark.parametrize("tiles", list(TILES))
+def test_tiled_equals_reference(band, layout, tiles):
+    """Forward and gradients of the tiled core (the CPU path of every layer) equal the dense reference."""
+    t = 100
+    q, k, v = qkv(t, seed=6)
+    seg = jnp.asarray(layouts(t)[layout])
+    f = lambda q, k, v: attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band],
+                                                  tile_bytes=TILES[tiles])
+    r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), jax.jit(r)(q, k, v), atol=1e-5)
+    w = jax.random.normal(jax.random.key(9), q.shape)
+    loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
+    for a, b in zip(loss(f)(q, k, v), loss(r)(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_tiled_cross_attention_with_indices_and_missing_keys():
+    """Queries against a longer key range measured in their own indices (as a KV cache is), keys marked missing
+    (segment -1) and rows that see no key at all: the same as the reference, forward and gradients."""
+    k_ = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(k_[0], (2, 24, 2, 8))
+    k, v = (jax.random.normal(x, (2, 40, 2, 8)) for x in k_[1:])
+    q_seg = jnp.asarray(np.r_[np.ones(20), np.full(4, 5)][None].repeat(2, 0), jnp.int32)  # segment 5: no keys
+    k_seg = jnp.asarray(np.r_[np.ones(30), np.full(10, -1)][None].repeat(2, 0), jnp.int32)
+    q_idx = jnp.broadcast_to(16 + jnp.arange(24), (2, 24))
+    k_idx = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    for band in [(None, 0), (6, 0), (None, None)]:
+        kw = dict(q_seg=q_seg, k_seg=k_seg, band=band, q_idx=q_idx, k_idx=k_idx)
+        f = lambda q, k, v: attention.tiled_attention(q, k, v, tile_bytes=4 * 8 * 40, **kw)
+        r = lambda q, k, v: attention.reference_attention(q, k, v, **kw)
+        np.testing.assert_allclose(f(q, k, v), r(q, k, v), atol=1e-5)
+        w = jax.random.normal(jax.random.key(3), q.shape)
+        loss = lambda fn: jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2))
+        for a, b in zip(loss(f)(q, k, v), loss(r)(q, k, v)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl,band", [("blocked", "encoder-local"), ("blocked", "decoder-local-hf"),
@@ -77,7 +122,7 @@ def test_gradients_equal_reference(impl, band):
         f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=16)
     else:
         f = lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids=seg, band=BANDS[band], chunk=32,
-                                                        remat=True)
+                                                        tile_bytes=4 * 8 * 80)
     r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
     w = jax.random.normal(jax.random.key(9), q.shape)
     loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
