@@ -1,8 +1,9 @@
 """Where the 150m encoder forward spends its time: the same jitted forward (8 x 512) with one part swapped out.
 
-    JAX_PLATFORMS=cpu python benchmarks/forward_parts.py base|dense|tanh_gelu|no_rope|no_attention
+    JAX_PLATFORMS=cpu python benchmarks/forward_parts.py base|dense|tiled_all|tanh_gelu|no_rope|no_attention
 
-base: as configured; dense: every layer dense (attention_impl=xla); tanh_gelu: approximate GELU; no_rope: RoPE
+base: as configured; dense: every layer dense (attention_impl=xla); tiled_all: every layer through the tiled
+core over all keys (attention_impl=chunked); tanh_gelu: approximate GELU; no_rope: RoPE
 skipped; no_attention: the attention op returns v. The parts are swapped by monkeypatching this process only: a
 measurement, not a model. Figures: benchmarks/RESULTS.md, "Where our time goes".
 """
@@ -13,6 +14,8 @@ variant = sys.argv[1]
 cfg = sizes.model_config("150m")
 if variant == "dense":
     cfg = cfg.replace(attention_impl="xla")
+if variant == "tiled_all":  # sliding-window layers through the tiled core over all keys (no blocks)
+    cfg = cfg.replace(attention_impl="chunked")
 if variant == "tanh_gelu":
     orig = jax.nn.gelu
     jax.nn.gelu = lambda x, approximate=False: orig(x, approximate=True)

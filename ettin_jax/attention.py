@@ -265,48 +265,113 @@ def tiled_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=None
     return jnp.swapaxes(o.reshape(*lead, h, t_q, d), -3, -2)
 
 
-def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile_bytes: int = TILE_BYTES):
-    """Self-attention for a bounded band at O(T * block) cost.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _windowed(q, k, v, seg, band, scale, g, tq):
+    return _windowed_fwd(q, k, v, seg, band, scale, g, tq)[0]
 
-    Queries are cut into blocks of `block`; each block sees its own key block and the neighbouring ones the band
-    can reach (one behind if back > 0, one ahead if ahead > 0), so `block` must be at least the band's reach.
-    The blocks go through `tiled_core`, many blocks per tile.
+
+def _window_keys(k, v, seg, band, tq):
+    """The arrays tile windows are sliced from, and where tile i's window starts in them.
+
+    Rows at least one window long are used as they are, each window clamped into the row (the mask drops the keys
+    a clamped window adds); shorter rows are padded by the band's reach on both sides (padding is segment -1).
+    """
+    back, ahead = band
+    t = k.shape[1]
+    width = tq + back + ahead
+    if t >= width:
+        return k, v, seg, jnp.arange(t), lambda i: jnp.clip(i * tq - back, 0, t - width)
+    kp, vp = (jnp.pad(x, ((0, 0), (back, ahead), (0, 0))) for x in (k, v))
+    sp = jnp.pad(seg, ((0, 0), (back, ahead)), constant_values=-1)
+    return kp, vp, sp, jnp.arange(-back, t + ahead), lambda i: i * tq
+
+
+def _window(x, start, width):  # [g, T', ...] -> [g, width, ...]
+    return jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+
+
+def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
+    back, ahead = band
+    width = tq + back + ahead
+    kp, vp, sp, kidx, start = _window_keys(k, v, seg, band, tq)
+    nq = q.shape[1] // tq
+
+    def group(args):
+        gq, gkp, gvp, gs, gsp = args
+
+        def tile(a):
+            i, qt, qst = a
+            w = start(i)
+            qi = jnp.broadcast_to(i * tq + jnp.arange(tq), qst.shape)
+            ki = jnp.broadcast_to(_window(kidx[None], w, width), (qt.shape[0], width))
+            return _tile_forward(qt, _window(gkp, w, width), _window(gvp, w, width), qst, _window(gsp, w, width),
+                                 qi, ki, band, scale)
+
+        return tuple(_untile(x) for x in jax.lax.map(tile, (jnp.arange(nq), _qtiles(gq, tq), _qtiles(gs, tq))))
+
+    o, m, l = jax.lax.map(group, tuple(_groups(x, g) for x in (q, kp, vp, seg, sp)))
+    o, m, l = o.reshape(q.shape), m.reshape(q.shape[:2]), l.reshape(q.shape[:2])
+    return o, (q, k, v, seg, o, m, l)
+
+
+def _windowed_bwd(band, scale, g, tq, res, do):
+    q, k, v, seg, o, m, l = res
+    back, ahead = band
+    width = tq + back + ahead
+    t = k.shape[1]
+    kp, vp, sp, kidx, start = _window_keys(k, v, seg, band, tq)
+    lo = 0 if kp.shape[1] == t else back  # where the row starts in the (maybe padded) keys
+    nq = q.shape[1] // tq
+
+    def group(args):
+        gq, gkp, gvp, gs, gsp, go, gm, gl, gdo = args
+
+        def tile(acc, a):  # each key gathers its gradient from the (overlapping) windows that contain it
+            i, qt, qst, ot, mt, lt, dot = a
+            w = start(i)
+            qi = jnp.broadcast_to(i * tq + jnp.arange(tq), qst.shape)
+            ki = jnp.broadcast_to(_window(kidx[None], w, width), (qt.shape[0], width))
+            dq, dk, dv = _tile_backward(qt, _window(gkp, w, width), _window(gvp, w, width), qst,
+                                        _window(gsp, w, width), qi, ki, ot, mt, lt, dot, band, scale)
+            acc = tuple(jax.lax.dynamic_update_slice_in_dim(a_, _window(a_, w, width) + d, w, axis=1)
+                        for a_, d in zip(acc, (dk, dv)))
+            return acc, dq
+
+        zeros = jnp.zeros(gkp.shape, jnp.float32)
+        tiles = tuple(_qtiles(x, tq) for x in (gq, gs, go, gm, gl, gdo))
+        (dkp, dvp), dq = jax.lax.scan(tile, (zeros, zeros), (jnp.arange(nq),) + tiles)
+        return _untile(dq), dkp[:, lo:lo + t], dvp[:, lo:lo + t]
+
+    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, kp, vp, seg, sp, o, m, l, do)))
+    return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
+            dv.reshape(v.shape).astype(v.dtype), None)
+
+
+_windowed.defvjp(_windowed_fwd, _windowed_bwd)
+
+
+def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile_bytes: int = TILE_BYTES):
+    """Self-attention for a bounded band at O(T * (block + reach)) cost.
+
+    Queries are cut into tiles of `block` rows; tile i sees only a window of block + back + ahead keys around
+    [i * block - back, (i + 1) * block + ahead), sliced out of the keys inside the loop (in cache) rather than
+    materialised per tile. Rows are
+    taken heads-major, as many at a time as `tile_bytes` of scores allows; the backward pass recomputes each tile
+    (flash-attention style, as `tiled_core`) and adds each window's key gradients into place.
     """
     back, ahead = band
     if back is None or ahead is None:
         raise ValueError(f"blocked_attention needs a bounded band, got {band}")
-    if max(back, ahead) > block:
-        raise ValueError(f"band {band} reaches beyond one block of {block}")
     b, t, h, d = q.shape
-    n = -(-t // block)
-    pad = n * block - t
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    idx = jnp.broadcast_to(jnp.arange(n * block), (b, n * block))
-
-    def blocks(x):  # [B, n*block, ...] -> [B, n, block, ...]
-        return x.reshape(b, n, block, *x.shape[2:])
-
-    shifts = ([-1] if back > 0 else []) + [0] + ([1] if ahead > 0 else [])
-
-    def neighbours(x, fill):  # [B, n, block, ...] -> [B, n, len(shifts)*block, ...]
-        parts = []
-        for s in shifts:
-            if s == 0:
-                parts.append(x)
-            else:
-                widths = [(0, 0)] * x.ndim
-                widths[1] = (1, 0) if s < 0 else (0, 1)
-                xp = jnp.pad(x, widths, constant_values=fill)
-                parts.append(xp[:, :-1] if s < 0 else xp[:, 1:])
-        return jnp.concatenate(parts, axis=2)
-
-    out = tiled_attention(blocks(q), neighbours(blocks(k), 0), neighbours(blocks(v), 0),
-                          q_seg=blocks(segment_ids), k_seg=neighbours(blocks(segment_ids), -1),
-                          q_idx=blocks(idx), k_idx=neighbours(blocks(idx), -(10**9)), band=band,
-                          tile_bytes=tile_bytes)
-    return out.reshape(b, n * block, h, d)[:, :t]
+    pad = -t % block
+    qh, kh, vh = (jnp.pad(_heads_major(x), ((0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+    seg = jnp.pad(_per_head(segment_ids, h), ((0, 0), (0, pad)), constant_values=-1)
+    n = qh.shape[0]
+    g = max(1, min(n, tile_bytes // (block * (block + back + ahead) * 4)))
+    while n % g:
+        g -= 1
+    o = _windowed(qh, kh, vh, seg, (back, ahead), 1.0 / math.sqrt(d), g, block)
+    return jnp.swapaxes(o.reshape(b, h, t + pad, d), 1, 2)[:, :t]
 
 
 def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 256, tile_bytes: int = TILE_BYTES):

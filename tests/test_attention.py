@@ -47,7 +47,7 @@ def reference(q, k, v, seg, band):
 
 @pytest.mark.parametrize("band", BOUNDED)
 @pytest.mark.parametrize("layout", ["one", "padded", "packed"])
-@pytest.mark.parametrize("t,block", [(100, 16), (96, 32)])
+@pytest.mark.parametrize("t,block", [(100, 16), (96, 32), (100, 96)])  # (100, 96): rows shorter than a window
 def test_blocked_equals_reference(band, layout, t, block):
     q, k, v = qkv(t)
     seg = jnp.asarray(layouts(t)[layout])
@@ -112,14 +112,16 @@ def test_tiled_cross_attention_with_indices_and_missing_keys():
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,band", [("blocked", "encoder-local"), ("blocked", "decoder-local-hf"),
-                                       ("chunked", "decoder-global"), ("chunked", "encoder-global")])
-def test_gradients_equal_reference(impl, band):
+@pytest.mark.parametrize("impl,band,block", [("blocked", "encoder-local", 16), ("blocked", "decoder-local-hf", 16),
+                                             ("blocked", "encoder-local", 64), ("blocked", "asymmetric", 64),
+                                             ("chunked", "decoder-global", None), ("chunked", "encoder-global", None)])
+def test_gradients_equal_reference(impl, band, block):
+    """block 64 at t = 80: rows shorter than a window (block + reach), the padded-window path."""
     t = 80
     q, k, v = qkv(t, seed=2)
     seg = jnp.asarray(layouts(t)["packed"])
     if impl == "blocked":
-        f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=16)
+        f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=block)
     else:
         f = lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids=seg, band=BANDS[band], chunk=32,
                                                         tile_bytes=4 * 8 * 80)
