@@ -144,19 +144,26 @@ def _tile_forward(q, k, v, qs, ks, qi, ki, band, scale):
     return o.astype(v.dtype), m[..., 0], l[..., 0]
 
 
-def _tile_backward(q, k, v, qs, ks, qi, ki, o, m, l, do, band, scale):
-    """Gradients of one tile, its probabilities recomputed from the saved row max and sum (flash-attention style)."""
+def _tile_backward(q, k, v, qs, ks, qi, ki, delta, m, l, do, band, scale):
+    """Gradients of one tile, its probabilities recomputed from the saved row max and sum (flash-attention style).
+
+    delta [G, tq] is rowsum(dO * O), computed once for all rows by the caller (flash attention's preprocessing
+    step) rather than inside every tile.
+    """
     ok = _tile_visible(qs, ks, qi, ki, band)
     s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
     p = jnp.exp(jnp.where(ok, s, _NEG_INF) - m[..., None]) / l[..., None]
     do32 = do.astype(jnp.float32)
     dv = jnp.einsum("gqk,gqd->gkd", p, do32)
     dp = jnp.einsum("gqd,gkd->gqk", do32, v.astype(jnp.float32))
-    delta = jnp.sum(do32 * o.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = jnp.where(ok, p * (dp - delta), 0.0) * scale
+    ds = jnp.where(ok, p * (dp - delta[..., None]), 0.0) * scale
     dq = jnp.einsum("gqk,gkd->gqd", ds, k.astype(jnp.float32))
     dk = jnp.einsum("gqk,gqd->gkd", ds, q.astype(jnp.float32))
     return dq, dk, dv
+
+
+def _delta(o, do):  # [N, T, D] x2 -> rowsum(dO * O) [N, T], fp32
+    return jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
 
 
 def _groups(x, g):  # [N, ...] -> [N / g, g, ...]
@@ -193,6 +200,7 @@ def _tiled_fwd(q, k, v, qs, ks, qi, ki, band, scale, g, tq):
 
 def _tiled_bwd(band, scale, g, tq, res, do):
     q, k, v, qs, ks, qi, ki, o, m, l = res
+    o = _delta(o, do)  # from here on `o` (and its tiles) hold rowsum(dO * O)
 
     def group(args):
         gq, gk, gv, gqs, gks, gqi, gki, go, gm, gl, gdo = args
@@ -316,6 +324,7 @@ def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
 
 def _windowed_bwd(band, scale, g, tq, res, do):
     q, k, v, seg, o, m, l = res
+    o = _delta(o, do)  # from here on `o` (and its tiles) hold rowsum(dO * O)
     back, ahead = band
     width = tq + back + ahead
     t = k.shape[1]

@@ -18,6 +18,22 @@ def test_parameter_counts_match_reference(size):
     assert specs["tok_embeddings"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
+def test_rope_tables_are_exactly_cos_and_sin():
+    """The tables leave rope_tables through a product with the identity (so XLA materialises them once instead of
+    evaluating cos and sin inside every consumer): the values must be cos and sin exactly (under jit, up to
+    XLA's own fused cos and sin)."""
+    positions = jnp.asarray(np.r_[np.arange(300), np.arange(212)][None].repeat(2, 0))
+    for theta in (10_000.0, 160_000.0):
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, 64, 2, dtype=jnp.float32) / 64))
+        emb = jnp.concatenate([positions.astype(jnp.float32)[..., None] * inv_freq] * 2, axis=-1)
+        got = model.rope_tables(positions, 64, theta)
+        np.testing.assert_array_equal(got[0], jnp.cos(emb))
+        np.testing.assert_array_equal(got[1], jnp.sin(emb))
+        got = jax.jit(model.rope_tables, static_argnums=(1, 2))(positions, 64, theta)
+        np.testing.assert_allclose(got[0], jnp.cos(emb), atol=2e-5)
+        np.testing.assert_allclose(got[1], jnp.sin(emb), atol=2e-5)
+
+
 def _tiny(**kw):
     cfg = sizes.model_config("tiny", vocab_size=256, **kw)
     return cfg, model.init_params(cfg, jax.random.key(0))
