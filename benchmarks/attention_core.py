@@ -2,9 +2,11 @@
 
     JAX_PLATFORMS=cpu python benchmarks/attention_core.py
 
-einsum: einsums over [B, T, H, D] + where + jax.nn.softmax (ettin_jax's core before commit 1150b86); ettin_jax:
-`attention.reference_attention` as shipped (heads-major, softmax normalised after the PV product); bias: heads-major
-with an additive mask; dpa_*: jax.nn.dot_product_attention (XLA). Figures: benchmarks/RESULTS.md, "Where our time goes".
+einsum: einsums over [B, T, H, D] + where + jax.nn.softmax (ettin_jax's core before commit 1150b86); reference:
+`attention.reference_attention` (heads-major, softmax normalised after the PV product; the CPU path from 1150b86 to
+a98da94, now the ground truth and the KV-cache path); tiled: `attention.tiled_attention`, the CPU path of every layer
+since a98da94 (cache-sized tiles); bias: heads-major with an additive mask; dpa_*: jax.nn.dot_product_attention
+(XLA). Forward only; the tiled core's backward is where it gains most (docs/perf.md). Figures: benchmarks/RESULTS.md, "Where our time goes".
 """
 import math
 import time
@@ -26,6 +28,8 @@ def einsum(q, k, v, seg):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 def shipped(q, k, v, seg):
     return attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=(None, None))
+def tiled(q, k, v, seg):
+    return attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=(None, None))
 def bias(q, k, v, seg):
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     b = jnp.where(seg[:, :, None] == seg[:, None, :], 0.0, -1e30)[:, None]
@@ -38,7 +42,7 @@ def nomask(q, k, v, seg):
 def dpa_mask(q, k, v, seg):
     return jax.nn.dot_product_attention(q, k, v, mask=(seg[:, :, None] == seg[:, None, :])[:, None])
 ref = jax.jit(einsum)(q, k, v, seg)
-for name, f in [("einsum", einsum), ("ettin_jax", shipped), ("bias", bias), ("dpa_nomask", nomask), ("dpa_mask", dpa_mask)]:
+for name, f in [("einsum", einsum), ("reference", shipped), ("tiled", tiled), ("bias", bias), ("dpa_nomask", nomask), ("dpa_mask", dpa_mask)]:
     g = jax.jit(f)
     out = g(q, k, v, seg).block_until_ready()
     best = 1e9
