@@ -129,6 +129,14 @@ def reference_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=
 TILE_BYTES = 4 * 2 ** 20
 
 
+def tile_budget(tile_bytes: Optional[int] = None) -> int:
+    """The tile budget: as given, else TILE_BYTES on CPU and no tiling elsewhere (a GPU wants one large batched
+    product, not a loop of cache-sized ones; the tiled core is the CPU path, accelerators use cuDNN or splash)."""
+    if tile_bytes is not None:
+        return tile_bytes
+    return TILE_BYTES if jax.default_backend() == "cpu" else 2 ** 62
+
+
 def _tile_visible(qs, ks, qi, ki, band):
     return visible(qi[..., :, None], ki[..., None, :], qs[..., :, None], ks[..., None, :], band)
 
@@ -233,7 +241,7 @@ def _per_head(x, h):  # [..., T] -> [prod(...) * H, T]
     return jnp.broadcast_to(x[:, None], (x.shape[0], h, x.shape[1])).reshape(-1, x.shape[-1])
 
 
-def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: int = TILE_BYTES):
+def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: Optional[int] = None):
     """Masked softmax attention over heads-major rows, one cache-sized tile at a time.
 
     qh [N, Tq, D], kh/vh [N, Tk, D]; qs/qi [N, Tq] and ks/ki [N, Tk] are the segment ids and indices the mask is
@@ -243,6 +251,7 @@ def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: int = TILE
     """
     n, t_q, d = qh.shape
     t_k = kh.shape[1]
+    tile_bytes = tile_budget(tile_bytes)
     row = t_q * t_k * 4
     if row <= tile_bytes:
         tq = t_q
@@ -260,7 +269,8 @@ def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: int = TILE
     return out[:, :t_q]
 
 
-def tiled_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=None, tile_bytes: int = TILE_BYTES):
+def tiled_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=None,
+                    tile_bytes: Optional[int] = None):
     """`reference_attention`'s function (same arguments, any leading dims) through `tiled_core`."""
     *lead, t_q, h, d = q.shape
     t_k = k.shape[-3]
@@ -359,31 +369,72 @@ def _windowed_bwd(band, scale, g, tq, res, do):
 _windowed.defvjp(_windowed_fwd, _windowed_bwd)
 
 
-def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile_bytes: int = TILE_BYTES):
+def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile_bytes: Optional[int] = None,
+                      windowed: Optional[bool] = None):
     """Self-attention for a bounded band at O(T * (block + reach)) cost.
 
     Queries are cut into tiles of `block` rows; tile i sees only a window of block + back + ahead keys around
-    [i * block - back, (i + 1) * block + ahead), sliced out of the keys inside the loop (in cache) rather than
-    materialised per tile. Rows are
-    taken heads-major, as many at a time as `tile_bytes` of scores allows; the backward pass recomputes each tile
-    (flash-attention style, as `tiled_core`) and adds each window's key gradients into place.
+    [i * block - back, (i + 1) * block + ahead).
+
+    windowed (default: on CPU): the windows are sliced out of the keys inside a loop over the tiles (in cache)
+    rather than materialised; rows are taken heads-major, as many at a time as `tile_bytes` of scores allows; the
+    backward pass recomputes each tile (flash-attention style, as `tiled_core`) and adds each window's key
+    gradients into place. Otherwise (GPU: one batched product rather than a loop) every block's neighbour blocks
+    are materialised (the band may reach at most one block) and all blocks go through `tiled_core` at once.
     """
     back, ahead = band
     if back is None or ahead is None:
         raise ValueError(f"blocked_attention needs a bounded band, got {band}")
+    if windowed is None:
+        windowed = jax.default_backend() == "cpu"
     b, t, h, d = q.shape
     pad = -t % block
     qh, kh, vh = (jnp.pad(_heads_major(x), ((0, 0), (0, pad), (0, 0))) for x in (q, k, v))
     seg = jnp.pad(_per_head(segment_ids, h), ((0, 0), (0, pad)), constant_values=-1)
-    n = qh.shape[0]
-    g = max(1, min(n, tile_bytes // (block * (block + back + ahead) * 4)))
-    while n % g:
-        g -= 1
-    o = _windowed(qh, kh, vh, seg, (back, ahead), 1.0 / math.sqrt(d), g, block)
+    if windowed:
+        n = qh.shape[0]
+        g = max(1, min(n, tile_budget(tile_bytes) // (block * (block + back + ahead) * 4)))
+        while n % g:
+            g -= 1
+        o = _windowed(qh, kh, vh, seg, (back, ahead), 1.0 / math.sqrt(d), g, block)
+    else:
+        o = _neighbour_blocks(qh, kh, vh, seg, band, block, tile_bytes)
     return jnp.swapaxes(o.reshape(b, h, t + pad, d), 1, 2)[:, :t]
 
 
-def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 256, tile_bytes: int = TILE_BYTES):
+def _neighbour_blocks(qh, kh, vh, seg, band: Band, block: int, tile_bytes: Optional[int]):
+    """Heads-major rows [N, T, D] (T a multiple of block): each block against its own and neighbouring key blocks,
+    materialised, through `tiled_core`."""
+    back, ahead = band
+    if max(back, ahead) > block:
+        raise ValueError(f"band {band} reaches beyond one block of {block}")
+    n = qh.shape[1] // block
+    idx = jnp.broadcast_to(jnp.arange(qh.shape[1]), seg.shape)
+    shifts = ([-1] if back > 0 else []) + [0] + ([1] if ahead > 0 else [])
+
+    def blocks(x):  # [N, n*block, ...] -> [N * n, block, ...]
+        return x.reshape(x.shape[0] * n, block, *x.shape[2:])
+
+    def neighbours(x, fill):  # [N, n*block, ...] -> [N * n, len(shifts)*block, ...]
+        x = x.reshape(x.shape[0], n, block, *x.shape[2:])
+        parts = []
+        for s in shifts:
+            if s == 0:
+                parts.append(x)
+            else:
+                widths = [(0, 0)] * x.ndim
+                widths[1] = (1, 0) if s < 0 else (0, 1)
+                xp = jnp.pad(x, widths, constant_values=fill)
+                parts.append(xp[:, :-1] if s < 0 else xp[:, 1:])
+        x = jnp.concatenate(parts, axis=2)
+        return x.reshape(x.shape[0] * n, *x.shape[2:])
+
+    o = tiled_core(blocks(qh), neighbours(kh, 0), neighbours(vh, 0), blocks(seg), neighbours(seg, -1), blocks(idx),
+                   neighbours(idx, -(10**9)), band=band, tile_bytes=tile_bytes)
+    return o.reshape(qh.shape)
+
+
+def chunked_attention(q, k, v, *, segment_ids, band: Band, chunk: int = 256, tile_bytes: Optional[int] = None):
     """Self-attention in query chunks, each against the static key range its band can reach.
 
     For a causal band a chunk of queries [s, e) needs keys [0, e) only, so the causal global layers cost about

@@ -48,11 +48,13 @@ def reference(q, k, v, seg, band):
 @pytest.mark.parametrize("band", BOUNDED)
 @pytest.mark.parametrize("layout", ["one", "padded", "packed"])
 @pytest.mark.parametrize("t,block", [(100, 16), (96, 32), (100, 96)])  # (100, 96): rows shorter than a window
-def test_blocked_equals_reference(band, layout, t, block):
+@pytest.mark.parametrize("windowed", [True, False], ids=["windowed", "neighbour-blocks"])
+def test_blocked_equals_reference(band, layout, t, block, windowed):
+    """windowed: the CPU path (key windows sliced in a loop); neighbour-blocks: the GPU path (one batched product)."""
     q, k, v = qkv(t)
     seg = jnp.asarray(layouts(t)[layout])
-    got = jax.jit(attention.blocked_attention, static_argnames=("band", "block"))(
-        q, k, v, segment_ids=seg, band=BANDS[band], block=block)
+    got = jax.jit(attention.blocked_attention, static_argnames=("band", "block", "windowed"))(
+        q, k, v, segment_ids=seg, band=BANDS[band], block=block, windowed=windowed)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
 
 
@@ -115,14 +117,17 @@ def test_tiled_cross_attention_with_indices_and_missing_keys():
 
 @pytest.mark.parametrize("impl,band,block", [("blocked", "encoder-local", 16), ("blocked", "decoder-local-hf", 16),
                                              ("blocked", "encoder-local", 64), ("blocked", "asymmetric", 64),
+                                             ("neighbour-blocks", "encoder-local", 16),
+                                             ("neighbour-blocks", "decoder-local-hf", 16),
                                              ("chunked", "decoder-global", None), ("chunked", "encoder-global", None)])
 def test_gradients_equal_reference(impl, band, block):
     """block 64 at t = 80: rows shorter than a window (block + reach), the padded-window path."""
     t = 80
     q, k, v = qkv(t, seed=2)
     seg = jnp.asarray(layouts(t)["packed"])
-    if impl == "blocked":
-        f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=block)
+    if impl in ("blocked", "neighbour-blocks"):
+        f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=block,
+                                                        windowed=impl == "blocked")
     else:
         f = lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids=seg, band=BANDS[band], chunk=32,
                                                         tile_bytes=4 * 8 * 80)
