@@ -208,22 +208,23 @@ def _tiled_fwd(q, k, v, qs, ks, qi, ki, band, scale, g, tq):
 
 def _tiled_bwd(band, scale, g, tq, res, do):
     q, k, v, qs, ks, qi, ki, o, m, l = res
-    o = _delta(o, do)  # from here on `o` (and its tiles) hold rowsum(dO * O)
+    delta = _delta(o, do)
 
     def group(args):
-        gq, gk, gv, gqs, gks, gqi, gki, go, gm, gl, gdo = args
+        gq, gk, gv, gqs, gks, gqi, gki, gdelta, gm, gl, gdo = args
         if tq == gq.shape[1]:
-            return _tile_backward(gq, gk, gv, gqs, gks, gqi, gki, go, gm, gl, gdo, band, scale)
+            return _tile_backward(gq, gk, gv, gqs, gks, gqi, gki, gdelta, gm, gl, gdo, band, scale)
 
         def tile(acc, a):  # keys and values gather their gradients over the query tiles
             dq, dk, dv = _tile_backward(a[0], gk, gv, a[1], gks, a[2], gki, a[3], a[4], a[5], a[6], band, scale)
             return (acc[0] + dk, acc[1] + dv), dq
 
         zeros = jnp.zeros(gk.shape, jnp.float32)
-        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), tuple(_qtiles(x, tq) for x in (gq, gqs, gqi, go, gm, gl, gdo)))
+        tiles = tuple(_qtiles(x, tq) for x in (gq, gqs, gqi, gdelta, gm, gl, gdo))
+        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), tiles)
         return _untile(dq), dk, dv
 
-    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, k, v, qs, ks, qi, ki, o, m, l, do)))
+    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, k, v, qs, ks, qi, ki, delta, m, l, do)))
     return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
             dv.reshape(v.shape).astype(v.dtype), None, None, None, None)
 
@@ -334,7 +335,7 @@ def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
 
 def _windowed_bwd(band, scale, g, tq, res, do):
     q, k, v, seg, o, m, l = res
-    o = _delta(o, do)  # from here on `o` (and its tiles) hold rowsum(dO * O)
+    delta = _delta(o, do)
     back, ahead = band
     width = tq + back + ahead
     t = k.shape[1]
@@ -343,25 +344,25 @@ def _windowed_bwd(band, scale, g, tq, res, do):
     nq = q.shape[1] // tq
 
     def group(args):
-        gq, gkp, gvp, gs, gsp, go, gm, gl, gdo = args
+        gq, gkp, gvp, gs, gsp, gdelta, gm, gl, gdo = args
 
         def tile(acc, a):  # each key gathers its gradient from the (overlapping) windows that contain it
-            i, qt, qst, ot, mt, lt, dot = a
+            i, qt, qst, deltat, mt, lt, dot = a
             w = start(i)
             qi = jnp.broadcast_to(i * tq + jnp.arange(tq), qst.shape)
             ki = jnp.broadcast_to(_window(kidx[None], w, width), (qt.shape[0], width))
             dq, dk, dv = _tile_backward(qt, _window(gkp, w, width), _window(gvp, w, width), qst,
-                                        _window(gsp, w, width), qi, ki, ot, mt, lt, dot, band, scale)
+                                        _window(gsp, w, width), qi, ki, deltat, mt, lt, dot, band, scale)
             acc = tuple(jax.lax.dynamic_update_slice_in_dim(a_, _window(a_, w, width) + d, w, axis=1)
                         for a_, d in zip(acc, (dk, dv)))
             return acc, dq
 
         zeros = jnp.zeros(gkp.shape, jnp.float32)
-        tiles = tuple(_qtiles(x, tq) for x in (gq, gs, go, gm, gl, gdo))
+        tiles = tuple(_qtiles(x, tq) for x in (gq, gs, gdelta, gm, gl, gdo))
         (dkp, dvp), dq = jax.lax.scan(tile, (zeros, zeros), (jnp.arange(nq),) + tiles)
         return _untile(dq), dkp[:, lo:lo + t], dvp[:, lo:lo + t]
 
-    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, kp, vp, seg, sp, o, m, l, do)))
+    dq, dk, dv = jax.lax.map(group, tuple(_groups(x, g) for x in (q, kp, vp, seg, sp, delta, m, l, do)))
     return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
             dv.reshape(v.shape).astype(v.dtype), None)
 
