@@ -174,6 +174,14 @@ def _delta(o, do):  # [N, T, D] x2 -> rowsum(dO * O) [N, T], fp32
     return jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
 
 
+def _group_size(n: int, row_bytes: int, tile_bytes: int) -> int:
+    """How many of n rows one tile takes: as many as fit in tile_bytes (at least one), dividing n."""
+    g = max(1, min(n, tile_bytes // row_bytes))
+    while n % g:
+        g -= 1
+    return g
+
+
 def _groups(x, g):  # [N, ...] -> [N / g, g, ...]
     return x.reshape(x.shape[0] // g, g, *x.shape[1:])
 
@@ -255,10 +263,7 @@ def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: Optional[i
     tile_bytes = tile_budget(tile_bytes)
     row = t_q * t_k * 4
     if row <= tile_bytes:
-        tq = t_q
-        g = max(1, min(n, tile_bytes // row))
-        while n % g:
-            g -= 1
+        tq, g = t_q, _group_size(n, row, tile_bytes)
     else:
         g, tq = 1, max(8, (tile_bytes // (t_k * 4)) // 8 * 8)
     pad = -t_q % tq
@@ -290,19 +295,31 @@ def _windowed(q, k, v, seg, band, scale, g, tq):
 
 
 def _window_keys(k, v, seg, band, tq):
-    """The arrays tile windows are sliced from, and where tile i's window starts in them.
+    """The arrays query tiles' key windows are sliced from, and `window`, which slices tile i's.
 
     Rows at least one window long are used as they are, each window clamped into the row (the mask drops the keys
     a clamped window adds); shorter rows are padded by the band's reach on both sides (padding is segment -1).
+    `window(i, gk, gv, gs)` gives where tile i's window starts, that window of a group's keys, values and segment
+    ids, and the tile's query and key indices.
     """
     back, ahead = band
     t = k.shape[1]
     width = tq + back + ahead
     if t >= width:
-        return k, v, seg, jnp.arange(t), lambda i: jnp.clip(i * tq - back, 0, t - width)
-    kp, vp = (jnp.pad(x, ((0, 0), (back, ahead), (0, 0))) for x in (k, v))
-    sp = jnp.pad(seg, ((0, 0), (back, ahead)), constant_values=-1)
-    return kp, vp, sp, jnp.arange(-back, t + ahead), lambda i: i * tq
+        kidx, start = jnp.arange(t), lambda i: jnp.clip(i * tq - back, 0, t - width)
+    else:
+        k, v = (jnp.pad(x, ((0, 0), (back, ahead), (0, 0))) for x in (k, v))
+        seg = jnp.pad(seg, ((0, 0), (back, ahead)), constant_values=-1)
+        kidx, start = jnp.arange(-back, t + ahead), lambda i: i * tq
+
+    def window(i, gk, gv, gs):
+        w = start(i)
+        rows = gk.shape[0]
+        qi = jnp.broadcast_to(i * tq + jnp.arange(tq), (rows, tq))
+        ki = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(kidx, w, width), (rows, width))
+        return w, _window(gk, w, width), _window(gv, w, width), _window(gs, w, width), qi, ki
+
+    return k, v, seg, window
 
 
 def _window(x, start, width):  # [g, T', ...] -> [g, width, ...]
@@ -310,9 +327,7 @@ def _window(x, start, width):  # [g, T', ...] -> [g, width, ...]
 
 
 def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
-    back, ahead = band
-    width = tq + back + ahead
-    kp, vp, sp, kidx, start = _window_keys(k, v, seg, band, tq)
+    kp, vp, sp, window = _window_keys(k, v, seg, band, tq)
     nq = q.shape[1] // tq
 
     def group(args):
@@ -320,11 +335,8 @@ def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
 
         def tile(a):
             i, qt, qst = a
-            w = start(i)
-            qi = jnp.broadcast_to(i * tq + jnp.arange(tq), qst.shape)
-            ki = jnp.broadcast_to(_window(kidx[None], w, width), (qt.shape[0], width))
-            return _tile_forward(qt, _window(gkp, w, width), _window(gvp, w, width), qst, _window(gsp, w, width),
-                                 qi, ki, band, scale)
+            _, kt, vt, kst, qi, ki = window(i, gkp, gvp, gsp)
+            return _tile_forward(qt, kt, vt, qst, kst, qi, ki, band, scale)
 
         return tuple(_untile(x) for x in jax.lax.map(tile, (jnp.arange(nq), _qtiles(gq, tq), _qtiles(gs, tq))))
 
@@ -336,11 +348,9 @@ def _windowed_fwd(q, k, v, seg, band, scale, g, tq):
 def _windowed_bwd(band, scale, g, tq, res, do):
     q, k, v, seg, o, m, l = res
     delta = _delta(o, do)
-    back, ahead = band
-    width = tq + back + ahead
     t = k.shape[1]
-    kp, vp, sp, kidx, start = _window_keys(k, v, seg, band, tq)
-    lo = 0 if kp.shape[1] == t else back  # where the row starts in the (maybe padded) keys
+    kp, vp, sp, window = _window_keys(k, v, seg, band, tq)
+    lo = 0 if kp.shape[1] == t else band[0]  # where the row starts in the (maybe padded) keys
     nq = q.shape[1] // tq
 
     def group(args):
@@ -348,12 +358,9 @@ def _windowed_bwd(band, scale, g, tq, res, do):
 
         def tile(acc, a):  # each key gathers its gradient from the (overlapping) windows that contain it
             i, qt, qst, deltat, mt, lt, dot = a
-            w = start(i)
-            qi = jnp.broadcast_to(i * tq + jnp.arange(tq), qst.shape)
-            ki = jnp.broadcast_to(_window(kidx[None], w, width), (qt.shape[0], width))
-            dq, dk, dv = _tile_backward(qt, _window(gkp, w, width), _window(gvp, w, width), qst,
-                                        _window(gsp, w, width), qi, ki, deltat, mt, lt, dot, band, scale)
-            acc = tuple(jax.lax.dynamic_update_slice_in_dim(a_, _window(a_, w, width) + d, w, axis=1)
+            w, kt, vt, kst, qi, ki = window(i, gkp, gvp, gsp)
+            dq, dk, dv = _tile_backward(qt, kt, vt, qst, kst, qi, ki, deltat, mt, lt, dot, band, scale)
+            acc = tuple(jax.lax.dynamic_update_slice_in_dim(a_, _window(a_, w, d.shape[1]) + d, w, axis=1)
                         for a_, d in zip(acc, (dk, dv)))
             return acc, dq
 
@@ -393,10 +400,7 @@ def blocked_attention(q, k, v, *, segment_ids, band: Band, block: int = 64, tile
     qh, kh, vh = (jnp.pad(_heads_major(x), ((0, 0), (0, pad), (0, 0))) for x in (q, k, v))
     seg = jnp.pad(_per_head(segment_ids, h), ((0, 0), (0, pad)), constant_values=-1)
     if windowed:
-        n = qh.shape[0]
-        g = max(1, min(n, tile_budget(tile_bytes) // (block * (block + back + ahead) * 4)))
-        while n % g:
-            g -= 1
+        g = _group_size(qh.shape[0], block * (block + back + ahead) * 4, tile_budget(tile_bytes))
         o = _windowed(qh, kh, vh, seg, (back, ahead), 1.0 / math.sqrt(d), g, block)
     else:
         o = _neighbour_blocks(qh, kh, vh, seg, band, block, tile_bytes)
@@ -626,8 +630,7 @@ def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", bloc
     'chunked' (the tiled core; causal bands in query chunks against the keys they reach), 'cudnn' (GPU), 'splash'
     (TPU).
     """
-    b, t, h, _ = q.shape
-    impl = resolve_impl(impl, band, t, block=block)
+    impl = resolve_impl(impl, band, q.shape[1], block=block)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)
     if impl == "chunked":
