@@ -129,6 +129,98 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def _row_mean(x: Array) -> Array:
+    """Mean over the last axis, [..., 1], in fp32. On CPU as a matrix-vector product: XLA:CPU's reduction fusions
+    hand the statistics on already broadcast to [..., H] (one more [tokens, H] array each, kept for the backward
+    pass), a product's output stays [..., 1]."""
+    if jax.default_backend() != "cpu":
+        return x.mean(-1, keepdims=True)
+    ones = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], jnp.float32)
+    return jnp.dot(x, ones, precision=jax.lax.Precision.HIGHEST)
+
+
+def _weighted_row_sum(a: Array, w: Array) -> Array:
+    """sum_rows w[row] * a[row, :] over every axis but the last ([..., H] and [..., 1] -> [H]), in fp32. On CPU as a
+    vector-matrix product: XLA:CPU reduces over the major axis many times slower than it runs the product."""
+    a2, w1 = a.reshape(-1, a.shape[-1]), w.reshape(-1)
+    if jax.default_backend() != "cpu":
+        return jnp.sum(a2 * w1[:, None], axis=0)
+    return jnp.dot(w1, a2, precision=jax.lax.Precision.HIGHEST)
+
+
+def _layer_norm(x: Array, scale: Array, eps: float, dtype):
+    xf = x.astype(jnp.float32)
+    mean = _row_mean(xf)
+    rstd = jax.lax.rsqrt(_row_mean(jnp.square(xf - mean)) + eps)
+    return ((xf - mean) * rstd * scale).astype(dtype), mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def layer_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+    """Scale-only LayerNorm over the last axis, statistics in fp32, output in `dtype`.
+
+    The custom VJP keeps only the input (which the residual stream keeps anyway) and the per-row mean and 1/std, and
+    recomputes the normalised rows in the backward pass. Under autodiff XLA keeps the centred rows, the normalised
+    rows and (on CPU) 1/std broadcast to [tokens, hidden] as well: three more [tokens, hidden] arrays per norm.
+    """
+    return _layer_norm(x, scale, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, eps, dtype):
+    y, mean, rstd = _layer_norm(x, scale, eps, dtype)
+    return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, dtype, res, dy):
+    # Every [tokens, H] term below is a function of dy: a term of x alone (the normalised rows) would be scheduled
+    # into the forward pass by XLA and kept, which is what this VJP avoids. Per row, with g = dy * scale:
+    #   dx = rstd * (g - mean(g)) - (x - mean) * rstd^2 * c,   c = mean(g * xhat) = rstd * (mean(g x) - mean mean(g)).
+    x, mean, rstd, scale = res
+    xf, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+    g = dy * scale
+    mg = _row_mean(g)
+    c = rstd * (_row_mean(g * xf) - mean * mg)
+    dx = rstd * (g - mg) - (xf - mean) * (rstd * rstd * c)
+    dscale = _weighted_row_sum(dy * (xf - mean), rstd)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
+def geglu(h: Array) -> Array:
+    """GELU(h[..., :I]) * h[..., I:] (exact, erf GELU), with a backward pass that keeps only `h`.
+
+    Autodiff keeps GELU's erf and product intermediates as well (two more [tokens, I] arrays per layer); here the
+    backward pass recomputes GELU and its derivative from `h`, elementwise, in fp32.
+    """
+    inp, gate = jnp.split(h, 2, axis=-1)
+    return jax.nn.gelu(inp, approximate=False) * gate
+
+
+def _geglu_fwd(h):
+    return geglu.fun(h), h
+
+
+def _geglu_bwd(h, dy):
+    # GELU(a) = a * Phi(a), GELU'(a) = Phi(a) + a * phi(a). `a` is tied to dy (a + 0 * dy) so that nothing here is
+    # a function of the forward pass alone: XLA would CSE such a term with the forward's erf, or schedule it into
+    # the forward pass, and keep it as a [tokens, I] array per layer until the backward pass (an optimization
+    # barrier does not stop this on XLA:CPU).
+    inp, gate = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    dy = dy.astype(jnp.float32)
+    inp = inp + 0.0 * dy
+    cdf = 0.5 * (1.0 + jax.lax.erf(inp * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * jnp.square(inp)) * (1.0 / math.sqrt(2.0 * math.pi))
+    d_inp = dy * gate * (cdf + inp * pdf)
+    d_gate = dy * inp * cdf
+    return (jnp.concatenate([d_inp, d_gate], axis=-1).astype(h.dtype),)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
 class LayerNorm(nn.Module):
     """Scale-only LayerNorm (no bias), statistics in fp32."""
 
@@ -139,10 +231,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                            (x.shape[-1],), jnp.float32)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        return ((xf - mean) * jax.lax.rsqrt(var + self.eps) * scale).astype(self.dtype)
+        return layer_norm(x, scale, self.eps, jnp.dtype(self.dtype))
 
 
 class Dense(nn.Module):
@@ -203,8 +292,7 @@ class MLP(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         h = Dense(2 * cfg.intermediate_size, cfg.init_std, ("embed", "mlp"), dtype, name="Wi")(x)
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-        inp, gate = jnp.split(h, 2, axis=-1)
-        h = jax.nn.gelu(inp, approximate=False) * gate
+        h = geglu(h)
         return Dense(cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"), dtype,
                      name="Wo")(h)
 

@@ -34,6 +34,44 @@ def test_rope_tables_are_exactly_cos_and_sin():
         np.testing.assert_allclose(got[1], jnp.sin(emb), atol=2e-5)
 
 
+def _plain_layer_norm(x, scale, eps=1e-5):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    return (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps) * scale
+
+
+def _plain_geglu(h):
+    inp, gate = jnp.split(h, 2, axis=-1)
+    return jax.nn.gelu(inp, approximate=False) * gate
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_layer_norm_and_geglu_vjps_equal_autodiff(jit):
+    """layer_norm and geglu have hand-written backward passes (they keep less for the backward pass than autodiff
+    does): values and gradients must be autodiff's of the plain expressions, eagerly and under jit (where XLA's
+    rewrites of the recomputation run), including rows with a large mean and activations far into GELU's tails."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 37, 48)) * 3 + rng.normal(size=(2, 37, 1)) * 20, jnp.float32)
+    scale = jnp.asarray(rng.normal(size=48), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(2, 37, 64)) * 4, jnp.float32)
+    w_x, w_h = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 37, 48), (2, 37, 32)))
+    wrap = jax.jit if jit else (lambda f: f)
+
+    def grads(norm, act):
+        loss = lambda x, s, h: jnp.sum(norm(x, s) * w_x) + jnp.sum(act(h) * w_h)
+        return wrap(lambda x, s, h: (norm(x, s), act(h), jax.grad(loss, (0, 1, 2))(x, s, h)))(x, scale, h)
+
+    got = grads(lambda x, s: model.layer_norm(x, s, 1e-5, jnp.float32), model.geglu)
+    want = grads(_plain_layer_norm, _plain_geglu)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # bf16 activations: the output and the input's gradient come back in bf16, computed in fp32
+    y, dx = jax.value_and_grad(lambda x: jnp.sum(model.layer_norm(x, scale, 1e-5, jnp.bfloat16).astype(jnp.float32)
+                                                 * w_x))(x.astype(jnp.bfloat16))
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(dx.astype(jnp.float32), want[2][0], rtol=0.05, atol=0.05)
+
+
 def _tiny(**kw):
     cfg = sizes.model_config("tiny", vocab_size=256, **kw)
     return cfg, model.init_params(cfg, jax.random.key(0))
