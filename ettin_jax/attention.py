@@ -127,14 +127,20 @@ def reference_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=
 # Bytes of fp32 scores one step of the tiled core works on: small enough to stay in the CPU's L2 (2 MB per core
 # here) while the mask, softmax and both products pass over them; measured best at 2-8 MB (docs/perf.md).
 TILE_BYTES = 4 * 2 ** 20
+# Rows longer than TILE_BYTES allows for MIN_TILE_QUERIES queries get a larger tile: with fewer queries the tile's
+# [tq, 64] x [64, T] products are too thin (17m MLM 1 x 8192 step: 128 queries 7.36 s, 256 7.17 s, 512 7.13 s).
+MIN_TILE_QUERIES = 256
 
 
-def tile_budget(tile_bytes: Optional[int] = None) -> int:
-    """The tile budget: as given, else TILE_BYTES on CPU and no tiling elsewhere (a GPU wants one large batched
-    product, not a loop of cache-sized ones; the tiled core is the CPU path, accelerators use cuDNN or splash)."""
+def tile_budget(tile_bytes: Optional[int] = None, row_keys: int = 0) -> int:
+    """The tile budget: as given, else TILE_BYTES on CPU (at least MIN_TILE_QUERIES queries against `row_keys` keys)
+    and no tiling elsewhere (a GPU wants one large batched product, not a loop of cache-sized ones; the tiled core is
+    the CPU path, accelerators use cuDNN or splash)."""
     if tile_bytes is not None:
         return tile_bytes
-    return TILE_BYTES if jax.default_backend() == "cpu" else 2 ** 62
+    if jax.default_backend() != "cpu":
+        return 2 ** 62
+    return max(TILE_BYTES, MIN_TILE_QUERIES * row_keys * 4)
 
 
 def _tile_visible(qs, ks, qi, ki, band):
@@ -260,7 +266,7 @@ def tiled_core(qh, kh, vh, qs, ks, qi, ki, *, band: Band, tile_bytes: Optional[i
     """
     n, t_q, d = qh.shape
     t_k = kh.shape[1]
-    tile_bytes = tile_budget(tile_bytes)
+    tile_bytes = tile_budget(tile_bytes, t_k)
     row = t_q * t_k * 4
     if row <= tile_bytes:
         tq, g = t_q, _group_size(n, row, tile_bytes)

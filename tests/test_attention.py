@@ -70,6 +70,15 @@ def test_chunked_equals_reference(band, layout, tile_bytes):
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
 
 
+def test_tile_budget():
+    """A given budget is used as it is; the CPU default is TILE_BYTES, widened for long rows so that a query tile
+    has at least MIN_TILE_QUERIES queries."""
+    assert attention.tile_budget(1234, row_keys=8192) == 1234
+    assert attention.tile_budget() == attention.TILE_BYTES
+    assert attention.tile_budget(row_keys=1024) == attention.TILE_BYTES
+    assert attention.tile_budget(row_keys=8192) == attention.MIN_TILE_QUERIES * 8192 * 4
+
+
 # Tile budgets that force every shape of the tiled core: whole rows many at a time, one row at a time, and query
 # tiles of 8 rows (100 queries: the last tile padded) against all keys.
 TILES = {"rows": attention.TILE_BYTES, "one-row": 4 * 100 * 100, "query-tiles": 4 * 8 * 100}
