@@ -66,8 +66,9 @@ def test_layer_norm_and_geglu_vjps_equal_autodiff(jit):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     # bf16 activations: the output and the input's gradient come back in bf16, computed in fp32
-    y, dx = jax.value_and_grad(lambda x: jnp.sum(model.layer_norm(x, scale, 1e-5, jnp.bfloat16).astype(jnp.float32)
-                                                 * w_x))(x.astype(jnp.bfloat16))
+    assert model.layer_norm(x.astype(jnp.bfloat16), scale, 1e-5, jnp.bfloat16).dtype == jnp.bfloat16
+    dx = jax.grad(lambda x: jnp.sum(model.layer_norm(x, scale, 1e-5, jnp.bfloat16).astype(jnp.float32)
+                                    * w_x))(x.astype(jnp.bfloat16))
     assert dx.dtype == jnp.bfloat16
     np.testing.assert_allclose(dx.astype(jnp.float32), want[2][0], rtol=0.05, atol=0.05)
 
