@@ -269,14 +269,15 @@ class Attention(nn.Module):
             new_cache = None
         else:  # incremental decoding: write this step's keys/values at `index`, attend over the cache
             index = cache["index"]
-            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+            heads_major = lambda x, c: jnp.swapaxes(x, 1, 2).reshape(c.shape[0], t, -1).astype(c.dtype)
+            ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], heads_major(k, cache["k"]), index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], heads_major(v, cache["v"]), index, axis=1)
             cseg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
             s = ck.shape[1]
             q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
             k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
-            o = attn_lib.reference_attention(q, ck.astype(dtype), cv.astype(dtype), q_seg=segment_ids,
-                                             k_seg=cseg, band=band, q_idx=q_idx, k_idx=k_idx)
+            o = attn_lib.cached_attention(q, ck.astype(dtype), cv.astype(dtype), q_seg=segment_ids, k_seg=cseg,
+                                          band=band, q_idx=q_idx, k_idx=k_idx)
             new_cache = dict(k=ck, v=cv, segment_ids=cseg, index=index)
         o = Dense(cfg.hidden_size, out_std, ("heads", "embed"), dtype, name="Wo")(o.reshape(b, t, -1))
         o = nn.Dropout(cfg.attention_dropout)(o, deterministic=deterministic)
@@ -401,8 +402,11 @@ class Ettin(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache for `max_len` tokens (segment id -1 marks slots not written yet)."""
-    shape = (batch, max_len, config.num_heads, config.head_dim)
+    """An empty KV cache for `max_len` tokens (segment id -1 marks slots not written yet).
+
+    Keys and values are [batch * heads, max_len, head_dim] (`attention.cached_attention` says why).
+    """
+    shape = (batch * config.num_heads, max_len, config.head_dim)
     layer = lambda: dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                          segment_ids=jnp.full((batch, max_len), -1, jnp.int32))
     return dict(layers=[layer() for _ in range(config.num_layers)], index=jnp.zeros((), jnp.int32))
