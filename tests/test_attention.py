@@ -124,6 +124,25 @@ def test_tiled_cross_attention_with_indices_and_missing_keys():
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("tq", [1, 5])
+@pytest.mark.parametrize("band", [(None, 0), (6, 0), (None, None)])
+def test_cached_attention_equals_reference(tq, band):
+    """The KV-cache path (cache [B * H, S, D]) is `reference_attention` over the same keys in [B, S, H, D]: rows of
+    different batch entries see different keys (so a wrong B * H order would show), unwritten slots are -1."""
+    b, s, h, d = 3, 40, 4, 8
+    k_ = jax.random.split(jax.random.key(12), 3)
+    q = jax.random.normal(k_[0], (b, tq, h, d))
+    k, v = (jax.random.normal(x, (b, s, h, d)) for x in k_[1:])
+    start = 20
+    k_seg = jnp.asarray(np.r_[np.ones(start + tq), np.full(s - start - tq, -1)][None].repeat(b, 0), jnp.int32)
+    k_seg = k_seg.at[1, :7].set(0).at[2, :start:2].set(0)  # rows 1 and 2 lose different keys
+    kw = dict(q_seg=jnp.ones((b, tq), jnp.int32), k_seg=k_seg, band=band,
+              q_idx=jnp.broadcast_to(start + jnp.arange(tq), (b, tq)), k_idx=jnp.broadcast_to(jnp.arange(s), (b, s)))
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, s, d)
+    got = jax.jit(functools.partial(attention.cached_attention, **kw))(q, heads_major(k), heads_major(v))
+    np.testing.assert_allclose(got, attention.reference_attention(q, k, v, **kw), atol=1e-5)
+
+
 @pytest.mark.parametrize("impl,band,block", [("blocked", "encoder-local", 16), ("blocked", "decoder-local-hf", 16),
                                              ("blocked", "encoder-local", 64), ("blocked", "asymmetric", 64),
                                              ("neighbour-blocks", "encoder-local", 16),
