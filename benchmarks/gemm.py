@@ -1,6 +1,8 @@
-"""fp32 GEMM throughput of XLA (jitted jnp.dot) and torch (torch.matmul, 2 threads) at the model's shapes.
+"""fp32 GEMM throughput of XLA (jitted jnp.dot), torch (torch.matmul, 2 threads) and numpy's OpenBLAS (np.matmul
+into a preallocated output) at the model's shapes.
 
-    python benchmarks/gemm.py torch; JAX_PLATFORMS=cpu python benchmarks/gemm.py xla   # XLA_FLAGS=... to try dot backends
+    python benchmarks/gemm.py torch; python benchmarks/gemm.py numpy
+    JAX_PLATFORMS=cpu python benchmarks/gemm.py xla   # XLA_FLAGS=... to try dot backends
 
 Figures: benchmarks/RESULTS.md, "Where our time goes".
 """
@@ -22,6 +24,13 @@ if which == "torch":
         a, b = torch.randn(m, k), torch.randn(k, n)
         t = bench(lambda: a @ b)
         print(f"torch {m}x{k}x{n}: {2*m*k*n/t/1e9:6.1f} GFLOP/s")
+elif which == "numpy":
+    import numpy as np
+    for m, k, n in shapes:
+        a, b = np.random.randn(m, k).astype(np.float32), np.random.randn(k, n).astype(np.float32)
+        out = np.empty((m, n), np.float32)
+        t = bench(lambda: np.matmul(a, b, out=out))
+        print(f"numpy {m}x{k}x{n}: {2*m*k*n/t/1e9:6.1f} GFLOP/s")
 else:
     import jax, jax.numpy as jnp
     for m, k, n in shapes:
