@@ -171,7 +171,7 @@ def _tile_visible(qs, ks, qi, ki, band):
 
 def _tile_forward(q, k, v, qs, ks, qi, ki, band, scale):
     """One tile: q [G, tq, D] against k, v [G, Tk, D] -> out [G, tq, D], row max and row sum [G, tq]."""
-    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("gqd,gkd->gqk", q * scale, k, preferred_element_type=jnp.float32)  # scaled as [tq, D]
     s = jnp.where(_tile_visible(qs, ks, qi, ki, band), s, _NEG_INF)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
@@ -187,13 +187,16 @@ def _tile_backward(q, k, v, qs, ks, qi, ki, delta, m, l, do, band, scale):
     step) rather than inside every tile.
     """
     ok = _tile_visible(qs, ks, qi, ki, band)
-    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jnp.exp(jnp.where(ok, s, _NEG_INF) - m[..., None]) / l[..., None]
+    q = q * scale  # the scale applied to [tq, D] operands, not to the [tq, Tk] scores and their gradient
+    s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
+    # exp(s - m) / l as one exponential (l >= 1: the row max contributes 1). m first: a row that sees no key has
+    # m = _NEG_INF, which would swallow log(l).
+    p = jnp.exp(jnp.where(ok, s, _NEG_INF) - m[..., None] - jnp.log(l)[..., None])
     do32 = do.astype(jnp.float32)
     dv = jnp.einsum("gqk,gqd->gkd", p, do32)
     dp = jnp.einsum("gqd,gkd->gqk", do32, v.astype(jnp.float32))
-    ds = jnp.where(ok, p * (dp - delta[..., None]), 0.0) * scale
-    dq = jnp.einsum("gqk,gkd->gqd", ds, k.astype(jnp.float32))
+    ds = jnp.where(ok, p * (dp - delta[..., None]), 0.0)
+    dq = jnp.einsum("gqk,gkd->gqd", ds, k.astype(jnp.float32)) * scale
     dk = jnp.einsum("gqk,gqd->gkd", ds, q.astype(jnp.float32))
     return dq, dk, dv
 
