@@ -220,7 +220,7 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
         hidden, cache = model.apply({"params": params}, tokens, mask=attention.CAUSAL, cache=cache)
         return _logits(params, cfg, hidden[0, -1]), cache
 
-    cache = init_cache(cfg, 1, prompt.shape[1] + max_new_tokens)
+    cache = init_cache(cfg, 1, prompt.shape[1] + max_new_tokens, dtype=jnp.dtype(cfg.dtype))
     logits, cache = forward(prompt, cache)
     first = select(logits, step=0)
     out = jnp.zeros((max_new_tokens,), jnp.int32).at[0].set(first)
