@@ -92,6 +92,11 @@ def visible(q_idx, k_idx, q_seg, k_seg, band: Band):
     return ok
 
 
+def _visible_pairs(qs, ks, qi, ki, band: Band):
+    """`visible` of every query against every key: segment ids and indices [..., Tq] and [..., Tk] -> [..., Tq, Tk]."""
+    return visible(qi[..., :, None], ki[..., None, :], qs[..., :, None], ks[..., None, :], band)
+
+
 def _softmax_attend(q, k, v, ok, scale):
     """q [..., Tq, H, D], k/v [..., Tk, H, D], ok [..., Tq, Tk] -> [..., Tq, H, D]; softmax in fp32.
 
@@ -124,7 +129,7 @@ def reference_attention(q, k, v, *, q_seg, k_seg, band: Band, q_idx=None, k_idx=
         q_idx = jnp.arange(q.shape[1])[None]
     if k_idx is None:
         k_idx = jnp.arange(k.shape[1])[None]
-    ok = visible(q_idx[:, :, None], k_idx[:, None, :], q_seg[:, :, None], k_seg[:, None, :], band)
+    ok = _visible_pairs(q_seg, k_seg, q_idx, k_idx, band)
     return _softmax_attend(q, k, v, ok, 1.0 / math.sqrt(q.shape[-1]))
 
 
@@ -138,7 +143,7 @@ def cached_attention(q, k_cache, v_cache, *, q_seg, k_seg, band: Band, q_idx, k_
     `reference_attention`.
     """
     b, tq, h, d = q.shape
-    ok = visible(q_idx[:, :, None], k_idx[:, None, :], q_seg[:, :, None], k_seg[:, None, :], band)  # [B, Tq, S]
+    ok = _visible_pairs(q_seg, k_seg, q_idx, k_idx, band)  # [B, Tq, S]
     qg = jnp.swapaxes(q, 1, 2).reshape(b * h, tq, d)
     o = _attend_heads_major(qg, k_cache, v_cache, jnp.repeat(ok, h, axis=0), 1.0 / math.sqrt(d))
     return jnp.swapaxes(o.reshape(b, h, tq, d), 1, 2)
@@ -165,14 +170,10 @@ def tile_budget(tile_bytes: Optional[int] = None, row_keys: int = 0) -> int:
     return max(TILE_BYTES, MIN_TILE_QUERIES * row_keys * 4)
 
 
-def _tile_visible(qs, ks, qi, ki, band):
-    return visible(qi[..., :, None], ki[..., None, :], qs[..., :, None], ks[..., None, :], band)
-
-
 def _tile_forward(q, k, v, qs, ks, qi, ki, band, scale):
     """One tile: q [G, tq, D] against k, v [G, Tk, D] -> out [G, tq, D], row max and row sum [G, tq]."""
     s = jnp.einsum("gqd,gkd->gqk", q * scale, k, preferred_element_type=jnp.float32)  # scaled as [tq, D]
-    s = jnp.where(_tile_visible(qs, ks, qi, ki, band), s, _NEG_INF)
+    s = jnp.where(_visible_pairs(qs, ks, qi, ki, band), s, _NEG_INF)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
     l = jnp.sum(e, axis=-1, keepdims=True)
@@ -186,7 +187,7 @@ def _tile_backward(q, k, v, qs, ks, qi, ki, delta, m, l, do, band, scale):
     delta [G, tq] is rowsum(dO * O), computed once for all rows by the caller (flash attention's preprocessing
     step) rather than inside every tile.
     """
-    ok = _tile_visible(qs, ks, qi, ki, band)
+    ok = _visible_pairs(qs, ks, qi, ki, band)
     q = q * scale  # the scale applied to [tq, D] operands, not to the [tq, Tk] scores and their gradient
     s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
     # exp(s - m) / l as one exponential (l >= 1: the row max contributes 1). m first: a row that sees no key has

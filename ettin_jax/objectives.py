@@ -87,7 +87,8 @@ def chunked_cross_entropy(predict: Callable, hidden, labels, weights, chunk: int
 def _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk: int, with_grads: bool):
     """Per-chunk scan of `decoder_cross_entropy`; with_grads also accumulates the gradients of loss_sum."""
     n, h = x.shape
-    chunk = -(-n // -(-n // min(chunk, n)))  # as many chunks as `chunk` rows need, evened out: the least padding
+    chunks = -(-n // min(chunk, n))  # as many chunks as `chunk` rows need,
+    chunk = -(-n // chunks)  # evened out over them: the least padding
     pad = (-n) % chunk
     if pad:
         x, labels, weights = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(labels, (0, pad)), jnp.pad(weights, (0, pad))
