@@ -39,7 +39,7 @@ import numpy as np
 from absl import flags
 
 from ettin_jax import attention, cli, hf
-from ettin_jax.model import Ettin, ModelConfig, init_cache
+from ettin_jax.model import Ettin, ModelConfig, init_cache, transpose_for_decoding
 
 # ----------------------------------------------------------------------------------------------------- loading
 
@@ -216,8 +216,10 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
     model = Ettin(cfg)
     select = functools.partial(_select, key=key, greedy=greedy, temperature=temperature, top_p=top_p)
 
+    decoding = transpose_for_decoding(params)
+
     def forward(tokens, cache):
-        hidden, cache = model.apply({"params": params}, tokens, mask=attention.CAUSAL, cache=cache)
+        hidden, cache = model.apply({"params": decoding}, tokens, mask=attention.CAUSAL, cache=cache)
         return _logits(params, cfg, hidden[0, -1]), cache
 
     cache = init_cache(cfg, 1, prompt.shape[1] + max_new_tokens, dtype=jnp.dtype(cfg.dtype))

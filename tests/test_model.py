@@ -178,18 +178,42 @@ def test_self_attention_dispatch():
 
 
 def test_kv_cache_decoding_equals_full_forward():
+    """Prefills and steps of any length equal one causal forward, while the sliding-window layers' ring caches (4
+    slots here) wrap: chunks longer than the window, chunks at a nonzero index, single tokens."""
     cfg, params = _tiny(local_window=4)
     m = model.Ettin(cfg)
     m.apply = _apply(cfg)
     tokens = jax.random.randint(jax.random.key(4), (1, 24), 5, 256)
     full = m.apply({"params": params}, tokens, mask=attention.CAUSAL)
     cache = model.init_cache(cfg, 1, 32)
-    h, cache = m.apply({"params": params}, tokens[:, :10], mask=attention.CAUSAL, cache=cache)
-    steps = [h]
-    for t in range(10, 24):
-        h, cache = m.apply({"params": params}, tokens[:, t:t + 1], mask=attention.CAUSAL, cache=cache)
+    slots = {c["k"].shape[1] for c in cache["layers"]}
+    assert slots == {4, 32}, slots  # local layers keep their window, global layers everything
+    steps, start = [], 0
+    for n in [10, 3, 1, 1, 5, 1, 2, 1]:
+        h, cache = m.apply({"params": params}, tokens[:, start:start + n], mask=attention.CAUSAL, cache=cache)
         steps.append(h)
+        start += n
+    assert start == 24 and int(cache["index"]) == 24
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="for causal decoding"):
+        m.apply({"params": params}, tokens[:, :1], mask=attention.BIDIRECTIONAL, cache=model.init_cache(cfg, 1, 8))
+
+
+def test_transposed_output_kernels_give_the_same_model():
+    """`transpose_for_decoding` stores the Wo kernels as kernel_t [out, in]: the same function; a kernel_t of the
+    wrong shape is an error."""
+    cfg, params = _tiny()
+    m = model.Ettin(cfg)
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 5, 256)
+    flipped = model.transpose_for_decoding(params)
+    assert "kernel_t" in flipped["layers_0"]["attn"]["Wo"] and "kernel_t" in flipped["layers_0"]["mlp"]["Wo"]
+    assert "kernel" in flipped["layers_0"]["attn"]["Wqkv"]
+    for mask in (attention.CAUSAL, attention.BIDIRECTIONAL):
+        np.testing.assert_allclose(m.apply({"params": flipped}, tokens, mask=mask),
+                                   m.apply({"params": params}, tokens, mask=mask), atol=1e-5)
+    flipped["layers_0"]["mlp"]["Wo"]["kernel_t"] = params["layers_0"]["mlp"]["Wo"]["kernel"]
+    with pytest.raises(ValueError, match="kernel_t has shape"):
+        m.apply({"params": flipped}, tokens, mask=attention.CAUSAL)
 
 
 @pytest.mark.slow
