@@ -17,12 +17,13 @@ generation the trailing [SEP] (the decoder's EOS) is dropped, so the prompt is [
 the text rather than starting after an end of sequence.
 
 Generation prefills the prompt into the KV cache in one call, then decodes inside one jitted `lax.while_loop` (one
-forward of one token per step; the cache holds prompt + max_new_tokens positions, so shapes are fixed and nothing
-recompiles per token). On 2 CPU cores, for the 150m decoder (64-token prompt, 256 new tokens, batch 1, fp32) the loop
-was a little faster than a Python loop over a jitted step (18.6 vs 17.6 tokens/s on a loaded machine) and ~1.9x as
-fast as transformers' `generate` (27-32 vs 14-17 tokens/s, measured in one process). Greedy decoding takes the argmax, exactly as transformers' greedy `generate`; sampling
-divides by the temperature, keeps the smallest set of tokens whose probability reaches top_p (transformers'
-TopPLogitsWarper), and draws with a key folded from (seed, step).
+forward of one token per step; a global layer's cache holds prompt + max_new_tokens positions and a sliding-window
+layer's only its window, so shapes are fixed and nothing recompiles per token). On 2 CPU cores, for the 150m decoder
+(64-token prompt, 256 new tokens, batch 1, fp32) it runs 1.40x transformers' `generate` (benchmarks/RESULTS.md;
+22.4-23.0 ms a token, about what streaming the fp32 weights once a token allows there: docs/perf.md item 12).
+Greedy decoding takes the argmax, exactly as transformers' greedy `generate`; sampling divides by the temperature,
+keeps the smallest set of tokens whose probability reaches top_p (transformers' TopPLogitsWarper), and draws with a
+key folded from (seed, step).
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
     model = Ettin(cfg)
     select = functools.partial(_select, key=key, greedy=greedy, temperature=temperature, top_p=top_p)
 
-    decoding = transpose_for_decoding(params)
+    # CPU only: XLA:CPU streams the transposed Wo kernels faster (measured there); elsewhere the copy costs memory
+    decoding = transpose_for_decoding(params) if jax.default_backend() == "cpu" else params
 
     def forward(tokens, cache):
         hidden, cache = model.apply({"params": decoding}, tokens, mask=attention.CAUSAL, cache=cache)

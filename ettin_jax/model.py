@@ -237,8 +237,8 @@ class LayerNorm(nn.Module):
 class Dense(nn.Module):
     """Bias-free projection whose kernel is [in, out] with logical axis names.
 
-    Given `kernel_t` ([out, in], the kernel transposed) in place of `kernel`, it contracts that instead: decoding
-    passes some kernels so (`transpose_for_decoding`).
+    Given `kernel_t` ([out, in], the kernel transposed) in place of `kernel`, it contracts that instead: decoding on
+    CPU passes some kernels so (`transpose_for_decoding`).
     """
 
     features: int
@@ -265,6 +265,7 @@ def transpose_for_decoding(params: dict) -> dict:
     Batch-1 decoding is matrix-vector products that stream every weight once per token. XLA:CPU streams an [out, in]
     matrix into a short output faster than an [in, out] one: the 150m's `Wo` products 5.3 -> 4.4 ms per token (the
     wider Wqkv and Wi products gain nothing, so they stay, and the copy costs a fifth of the weights' memory).
+    `inference.generate` uses it on CPU only.
     """
     def flip(tree, name=None):
         if isinstance(tree, dict):
