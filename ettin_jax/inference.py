@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from ettin_jax import attention, cli, hf
+from ettin_jax import attention, cli, hf, screened_argmax
 from ettin_jax.model import Ettin, ModelConfig, init_cache, transpose_for_decoding
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -134,18 +134,28 @@ def validate_token_ids(ids: Sequence[int], vocab_size: int) -> None:
 # --------------------------------------------------------------------------------------------------- fill-mask
 
 
-def _logits(params, cfg: ModelConfig, hidden):
-    """`Ettin.predict` (hidden [..., H] -> logits [..., V]) for inference.
-
-    The tied decoder is written as a dot_general contracting the embedding's own axis: on XLA:CPU, `predict`'s
-    `x @ embedding.T + bias` becomes an output-fused dot that first copies the transposed [H, V] embedding, which
-    made each decoding step of the 150m model ~6x slower.
-    """
+def _features(params, cfg: ModelConfig, hidden):
+    """The prediction head (dense, GELU, norm): hidden [..., H] -> features [..., H] in the embedding's dtype."""
     features = Ettin(cfg).apply({"params": params}, hidden, method=Ettin.head)
+    return features.astype(params["tok_embeddings"]["embedding"].dtype)
+
+
+def _decode(params, features):
+    """The tied decoder: features [..., H] -> logits [..., V].
+
+    Written as a dot_general contracting the embedding's own axis: on XLA:CPU, `predict`'s `x @ embedding.T + bias`
+    becomes an output-fused dot that first copies the transposed [H, V] embedding, which made each decoding step of
+    the 150m model ~6x slower.
+    """
     embedding = params["tok_embeddings"]["embedding"]
-    logits = jax.lax.dot_general(features.astype(embedding.dtype), embedding,
-                                 (((features.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    logits = jax.lax.dot_general(features, embedding, (((features.ndim - 1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
     return logits + params["decoder_bias"]
+
+
+def _logits(params, cfg: ModelConfig, hidden):
+    """`Ettin.predict` (hidden [..., H] -> logits [..., V]) for inference (`_features`, then `_decode`)."""
+    return _decode(params, _features(params, cfg, hidden))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
@@ -191,11 +201,15 @@ def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
     return ids
 
 
-def _select(logits, key, step, greedy, temperature, top_p):
-    """The next token from logits [V]: argmax, or a draw after temperature and top-p filtering.
+def _select(features, logits_fn, key, step, greedy, temperature, top_p, screen=None):
+    """The next token from the head's features [H]: argmax of the logits, or a draw after temperature and top-p
+    filtering.
 
-    greedy, temperature and top_p are traced, so that every decoding mode shares one compilation; `lax.cond`
-    runs only the branch taken (no sort for greedy decoding or top_p = 1).
+    greedy, temperature and top_p are traced, so that every decoding mode shares one compilation (`generate`
+    compiles greedy decoding apart only where it screens); `lax.cond` runs only the branch taken (no sort for greedy
+    decoding or top_p = 1). With `screen` (`screened_argmax.prepare`
+    of the embedding; CPU) the greedy token is the screened argmax, which reads the tied decoder's bf16 copy and
+    recomputes only the rows that can hold the maximum: the same token, at half the decoder's bytes.
     """
     def nucleus(logits):  # keep t iff the tokens more probable than t hold < top_p of the mass (the best stays)
         sorted_logits = jnp.sort(logits)[::-1]
@@ -203,30 +217,41 @@ def _select(logits, key, step, greedy, temperature, top_p):
         threshold = jnp.min(jnp.where(jnp.cumsum(probs) - probs < top_p, sorted_logits, jnp.inf))
         return jnp.where(logits >= threshold, logits, -jnp.inf)
 
-    def sample(logits):
-        logits = logits / temperature
+    def sample(features):
+        logits = logits_fn(features) / temperature
         logits = jax.lax.cond(top_p < 1, nucleus, lambda x: x, logits)
         return jax.random.categorical(jax.random.fold_in(key, step), logits).astype(jnp.int32)
 
-    return jax.lax.cond(greedy, lambda x: jnp.argmax(x).astype(jnp.int32), sample, logits)
+    def best(features):
+        plain = lambda f: jnp.argmax(logits_fn(f)).astype(jnp.int32)
+        if screen is None:
+            return plain(features)
+        token, _ = screened_argmax.argmax(features, screen["embedding"], screen["bias"], screen)
+        return jax.lax.cond(token >= 0, lambda f: token, plain, features)  # -1: features not finite
+
+    return jax.lax.cond(greedy, best, sample, features)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
-def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p, eos_id, *, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "screen"))
+def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p, eos_id, *, max_new_tokens: int,
+              screen: bool = False):
     """prompt [1, P] -> (tokens [max_new_tokens], count): prefill once, then one token per loop step."""
     model = Ettin(cfg)
-    select = functools.partial(_select, key=key, greedy=greedy, temperature=temperature, top_p=top_p)
+    embedding, bias = params["tok_embeddings"]["embedding"], params["decoder_bias"]
+    screened = dict(screened_argmax.prepare(embedding), embedding=embedding, bias=bias) if screen else None
+    select = functools.partial(_select, logits_fn=functools.partial(_decode, params), key=key, greedy=greedy,
+                               temperature=temperature, top_p=top_p, screen=screened)
 
     # CPU only: XLA:CPU streams the transposed Wo kernels faster (measured there); elsewhere the copy costs memory
     decoding = transpose_for_decoding(params) if jax.default_backend() == "cpu" else params
 
     def forward(tokens, cache):
         hidden, cache = model.apply({"params": decoding}, tokens, mask=attention.CAUSAL, cache=cache)
-        return _logits(params, cfg, hidden[0, -1]), cache
+        return _features(params, cfg, hidden[0, -1]), cache
 
     cache = init_cache(cfg, 1, prompt.shape[1] + max_new_tokens, dtype=jnp.dtype(cfg.dtype))
-    logits, cache = forward(prompt, cache)
-    first = select(logits, step=0)
+    features, cache = forward(prompt, cache)
+    first = select(features, step=0)
     out = jnp.zeros((max_new_tokens,), jnp.int32).at[0].set(first)
 
     def cond(state):
@@ -235,8 +260,8 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
 
     def body(state):
         step, token, cache, out = state
-        logits, cache = forward(token[None, None], cache)
-        token = select(logits, step=step)
+        features, cache = forward(token[None, None], cache)
+        token = select(features, step=step)
         return step + 1, token, cache, out.at[step].set(token)
 
     count, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), first, cache, out))
@@ -245,7 +270,7 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
 
 def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int, *, greedy: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: Optional[int] = None) -> list[int]:
+             eos_id: Optional[int] = None, screen: bool = True) -> list[int]:
     """Continues `prompt_ids` with the causal model; returns the new token ids (ending with eos_id if it came).
 
     Greedy output equals transformers' greedy `generate` on the same input_ids. Sampling (greedy=False) divides the
@@ -266,7 +291,8 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
     out, count = _generate(
         params, cfg, jnp.asarray([prompt_ids], jnp.int32), jax.random.key(seed), jnp.bool_(greedy),
         jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
-        max_new_tokens=max_new_tokens)
+        max_new_tokens=max_new_tokens, screen=screen and greedy and screened_argmax.available()
+        and params["tok_embeddings"]["embedding"].dtype == jnp.float32)
     return [int(t) for t in np.asarray(out)[:int(count)]]
 
 

@@ -8,6 +8,7 @@ are saved with save_pretrained and read back with `inference.load_model`.
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ettin_jax import attention, inference
+from ettin_jax import attention, inference, screened_argmax
 from ettin_jax.model import Ettin, init_cache
 
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
@@ -140,6 +141,20 @@ def test_greedy_generation_matches_transformers(folders, decoder):
     assert ids[0] == 1 and ids[-1] != 2 and len(ids) > LOCAL_ATTENTION  # [CLS] text, the [SEP] dropped
     ours = inference.generate(params, cfg, ids, 32)
     assert ours == _hf_greedy(folders["decoder"], ids, 32)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler (g++) to build the handler")
+def test_greedy_generation_screened_equals_the_plain_product(decoder):
+    """On CPU greedy decoding takes the token from `screened_argmax` (the tied decoder's bf16 copy, exact fp32
+    rows where needed): the same tokens as the plain fp32 product, and the compiled loop calls the handler."""
+    params, cfg, _, _ = decoder
+    assert screened_argmax.available()
+    ids = [1, 40, 50, 60, 70]
+    assert inference.generate(params, cfg, ids, 40) == inference.generate(params, cfg, ids, 40, screen=False)
+    text = inference._generate.lower(
+        params, cfg, jnp.asarray([ids], jnp.int32), jax.random.key(0), jnp.bool_(True), jnp.float32(1),
+        jnp.float32(1), jnp.int32(-1), max_new_tokens=8, screen=True).compile().as_text()
+    assert text.count(f'custom_call_target="{screened_argmax.TARGET}"') == 2  # the first token and the loop's
 
 
 def test_generation_stops_at_eos(decoder):
