@@ -230,7 +230,7 @@ def _select(features, logits_fn, key, step, greedy, temperature, top_p, screen=N
         if screen is None:
             return plain(features)
         token, _ = screened_argmax.argmax(features, screen["embedding"], screen["bias"], screen)
-        return jax.lax.cond(token >= 0, lambda f: token, plain, features)  # -1: features not finite
+        return jax.lax.cond(token >= 0, lambda f: token, plain, features)  # -1: a value not finite
 
     return jax.lax.cond(greedy, best, sample, features)
 

@@ -102,7 +102,8 @@ def prepare(embedding: jax.Array) -> dict:
 def argmax(h: jax.Array, embedding: jax.Array, bias: jax.Array, screen: dict):
     """(argmax_i h . e_i + bias_i, rows recomputed in fp32) for features h [H] (fp32), embedding [V, H], bias [V].
 
-    Returns (-1, -1) when h is not finite; the caller then takes the plain product's argmax.
+    Returns (-1, -1) when h or a row's score is not finite (NaN or inf in the features, embedding or bias); the
+    caller then takes the plain product's argmax.
     """
     _require()
     out = (jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))

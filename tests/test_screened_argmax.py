@@ -100,11 +100,13 @@ def test_bias_decides_between_equal_rows_and_first_of_equals_wins(run):
     assert int(run(h, emb, bias)[0]) == 2345
 
 
-def test_features_that_are_not_finite_give_minus_one(run):
-    emb = jax.random.normal(jax.random.key(0), (3000, 64))
+def test_values_that_are_not_finite_give_minus_one(run):
+    """NaN or inf in the features, the embedding or the bias: -1, and the caller's plain product decides (as
+    jnp.argmax does for NaN logits)."""
+    emb, bias, h = jax.random.normal(jax.random.key(0), (3000, 64)), jnp.zeros((3000,)), jnp.ones((64,))
     for bad in (jnp.nan, jnp.inf):
-        h = jnp.ones((64,)).at[5].set(bad)
-        assert [int(x) for x in run(h, emb, jnp.zeros((3000,)))] == [-1, -1]
+        for args in ((h.at[5].set(bad), emb, bias), (h, emb.at[2100, 7].set(bad), bias), (h, emb, bias.at[9].set(bad))):
+            assert [int(x) for x in run(*args)] == [-1, -1]
 
 
 def test_a_failed_build_falls_back(tmp_path):

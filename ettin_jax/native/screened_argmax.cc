@@ -133,8 +133,12 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
   const std::vector<float>& bound = pass->bound;
 
   float threshold = -INFINITY;
-  for (int64_t r = 0; r < rows; ++r) threshold = std::max(threshold, a[r] - bound[r] - 1e-6f * std::fabs(a[r]));
-  if (!std::isfinite(threshold)) {
+  bool bad = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    threshold = std::max(threshold, a[r] - bound[r] - 1e-6f * std::fabs(a[r]));
+    bad |= !std::isfinite(a[r]);
+  }
+  if (bad || !std::isfinite(threshold)) {  // a NaN or inf in the embedding or bias: the plain product decides
     *token->typed_data() = -1;
     *candidates->typed_data() = -1;
     return ffi::Error::Success();
