@@ -52,7 +52,7 @@ def _build() -> Optional[str]:
     path = os.path.join(folder, f"screened_argmax_{key}.so")
     if os.path.isfile(path):
         return path
-    compiler = os.environ.get("CXX", "g++")
+    compiler, tmp = os.environ.get("CXX", "g++"), None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
@@ -63,6 +63,8 @@ def _build() -> Optional[str]:
         os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
         return path
     except (OSError, subprocess.SubprocessError) as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
         detail = getattr(e, "stderr", "") or str(e)
         logging.warning("ettin_jax: the screened argmax could not be built (%s: %s); greedy decoding on CPU uses "
                         "the plain fp32 product", compiler, detail.strip()[-500:])
@@ -75,8 +77,12 @@ def available() -> bool:
         _state["ok"] = False
         if os.environ.get("ETTIN_JAX_NATIVE", "1") != "0" and jax.default_backend() == "cpu":
             path = _build()
-            if path is not None:
-                lib = ctypes.cdll.LoadLibrary(path)
+            try:
+                lib = ctypes.cdll.LoadLibrary(path) if path is not None else None
+            except OSError as e:  # a damaged cached library: say where it is, decode without it
+                logging.warning("ettin_jax: could not load %s (%s); delete it to rebuild", path, e)
+                lib = None
+            if lib is not None:
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ScreenedArgmax), platform="cpu")
                 jax.ffi.register_ffi_target(PREPARE, jax.ffi.pycapsule(lib.ScreenPrepare), platform="cpu")
                 _state["ok"] = True

@@ -1,4 +1,5 @@
 """The screened argmax (greedy decoding's tied decoder on CPU) returns the exact fp32 argmax of h . e_i + bias_i."""
+import os
 import shutil
 import subprocess
 import sys
@@ -110,17 +111,23 @@ def test_values_that_are_not_finite_give_minus_one(run):
 
 
 def test_a_failed_build_falls_back(tmp_path):
-    """No compiler: `available()` is False with the reason logged, and greedy generation still runs (plain product);
-    ETTIN_JAX_NATIVE=0 turns the handler off."""
+    """No compiler: `available()` is False with the reason logged, nothing is left in the cache, and greedy
+    generation still runs (plain product); a damaged cached library likewise; ETTIN_JAX_NATIVE=0 turns it off."""
     code = ("import jax; from ettin_jax import screened_argmax, inference, model, sizes;"
             "print('available', screened_argmax.available());"
             "cfg = sizes.model_config('17m').replace(num_layers=2, vocab_size=512);"
             "p = model.init_params(cfg, jax.random.key(0));"
             "print('tokens', len(inference.generate(p, cfg, [1, 5, 6], 4)))")
-    for env in ({"CXX": str(tmp_path / "no-such-compiler")}, {"ETTIN_JAX_NATIVE": "0"}):
+    def run_with(cache, **env):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             env={**__import__("os").environ, "ETTIN_JAX_CACHE": str(tmp_path / "cache"), **env})
+                             env={**os.environ, "ETTIN_JAX_CACHE": str(cache), **env})
         assert out.returncode == 0, out.stderr[-2000:]
         assert "available False" in out.stdout and "tokens 4" in out.stdout, out.stdout
-        if "CXX" in env:
-            assert "could not be built" in out.stderr
+        return out.stderr
+
+    assert "could not be built" in run_with(tmp_path / "a", CXX=str(tmp_path / "no-such-compiler"))
+    assert not list((tmp_path / "a").iterdir())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / os.path.basename(screened_argmax._build())).write_bytes(b"not a library")
+    assert "delete it to rebuild" in run_with(tmp_path / "b")
+    run_with(tmp_path / "c", ETTIN_JAX_NATIVE="0")
