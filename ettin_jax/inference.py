@@ -21,7 +21,7 @@ forward of one token per step; a global layer's cache holds prompt + max_new_tok
 layer's only its window, so shapes are fixed and nothing recompiles per token). On CPU, greedy decoding takes the
 argmax of the tied decoder's logits from a bf16 copy of the embedding with a rigorous error bound, recomputing in
 fp32 only the rows that could hold the maximum (`screened_argmax`: the same token at half the decoder's bytes). On 2
-CPU cores, for the 150m decoder (64-token prompt, 256 new tokens, batch 1, fp32) it runs 1.53-1.57x transformers'
+CPU cores, for the 150m decoder (64-token prompt, 256 new tokens, batch 1, fp32) it runs 1.52-1.57x transformers'
 `generate` (benchmarks/RESULTS.md; decoding is bound by streaming the fp32 weights once a token: docs/perf.md items
 12 and 13).
 Greedy decoding takes the argmax, exactly as transformers' greedy `generate`; sampling divides by the temperature,
