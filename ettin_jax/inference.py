@@ -204,15 +204,15 @@ def encode_prompt(tokenizer: TextTokenizer, text: str) -> list[int]:
     return ids
 
 
-def _select(features, logits_fn, key, step, greedy, temperature, top_p, screen=None):
+def _select(features, logits_fn, key, step, greedy, temperature, top_p, screened=None):
     """The next token from the head's features [H]: argmax of the logits, or a draw after temperature and top-p
     filtering.
 
     greedy, temperature and top_p are traced, so that every decoding mode shares one compilation (`generate`
     compiles greedy decoding apart only where it screens); `lax.cond` runs only the branch taken (no sort for greedy
-    decoding or top_p = 1). With `screen` (`screened_argmax.prepare`
-    of the embedding; CPU) the greedy token is the screened argmax, which reads the tied decoder's bf16 copy and
-    recomputes only the rows that can hold the maximum: the same token, at half the decoder's bytes.
+    decoding or top_p = 1). With `screened` (features -> token or -1; `screened_argmax.argmax`, CPU) the greedy
+    token is the screened argmax, which reads the tied decoder's bf16 copy and recomputes only the rows that can
+    hold the maximum: the same token, at half the decoder's bytes.
     """
     def nucleus(logits):  # keep t iff the tokens more probable than t hold < top_p of the mass (the best stays)
         sorted_logits = jnp.sort(logits)[::-1]
@@ -227,9 +227,9 @@ def _select(features, logits_fn, key, step, greedy, temperature, top_p, screen=N
 
     def best(features):
         plain = lambda f: jnp.argmax(logits_fn(f)).astype(jnp.int32)
-        if screen is None:
+        if screened is None:
             return plain(features)
-        token, _ = screened_argmax.argmax(features, screen["embedding"], screen["bias"], screen)
+        token = screened(features)
         return jax.lax.cond(token >= 0, lambda f: token, plain, features)  # -1: a value not finite
 
     return jax.lax.cond(greedy, best, sample, features)
@@ -240,10 +240,13 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
               screen: bool = False):
     """prompt [1, P] -> (tokens [max_new_tokens], count): prefill once, then one token per loop step."""
     model = Ettin(cfg)
-    embedding, bias = params["tok_embeddings"]["embedding"], params["decoder_bias"]
-    screened = dict(screened_argmax.prepare(embedding), embedding=embedding, bias=bias) if screen else None
+    screened = None
+    if screen:
+        embedding, bias = params["tok_embeddings"]["embedding"], params["decoder_bias"]
+        prepared = screened_argmax.prepare(embedding)
+        screened = lambda features: screened_argmax.argmax(features, embedding, bias, prepared)[0]
     select = functools.partial(_select, logits_fn=functools.partial(_decode, params), key=key, greedy=greedy,
-                               temperature=temperature, top_p=top_p, screen=screened)
+                               temperature=temperature, top_p=top_p, screened=screened)
 
     # CPU only: XLA:CPU streams the transposed Wo kernels faster (measured there); elsewhere the copy costs memory
     decoding = transpose_for_decoding(params) if jax.default_backend() == "cpu" else params
@@ -294,8 +297,8 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
     out, count = _generate(
         params, cfg, jnp.asarray([prompt_ids], jnp.int32), jax.random.key(seed), jnp.bool_(greedy),
         jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
-        max_new_tokens=max_new_tokens, screen=screen and greedy and screened_argmax.available()
-        and params["tok_embeddings"]["embedding"].dtype == jnp.float32)
+        max_new_tokens=max_new_tokens, screen=screen and greedy
+        and params["tok_embeddings"]["embedding"].dtype == jnp.float32 and screened_argmax.available())
     return [int(t) for t in np.asarray(out)[:int(count)]]
 
 

@@ -17,6 +17,7 @@ turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 
 TARGET, PREPARE = "ettin_screened_argmax", "ettin_screen_prepare"
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "screened_argmax.cc")
-_state: dict = {}
 
 
 def _cpu_key() -> str:
@@ -71,22 +71,22 @@ def _build() -> Optional[str]:
         return None
 
 
+@functools.cache
 def available() -> bool:
-    """Whether the handler is built and registered for this process's CPU backend."""
-    if "ok" not in _state:
-        _state["ok"] = False
-        if os.environ.get("ETTIN_JAX_NATIVE", "1") != "0" and jax.default_backend() == "cpu":
-            path = _build()
-            try:
-                lib = ctypes.cdll.LoadLibrary(path) if path is not None else None
-            except OSError as e:  # a damaged cached library: say where it is, decode without it
-                logging.warning("ettin_jax: could not load %s (%s); delete it to rebuild", path, e)
-                lib = None
-            if lib is not None:
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ScreenedArgmax), platform="cpu")
-                jax.ffi.register_ffi_target(PREPARE, jax.ffi.pycapsule(lib.ScreenPrepare), platform="cpu")
-                _state["ok"] = True
-    return _state["ok"]
+    """Whether the handler is built and registered for this process's CPU backend (decided once per process)."""
+    if os.environ.get("ETTIN_JAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    path = _build()
+    if path is None:
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(path)
+    except OSError as e:  # a damaged cached library: say where it is, decode without it
+        logging.warning("ettin_jax: could not load %s (%s); delete it to rebuild", path, e)
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ScreenedArgmax), platform="cpu")
+    jax.ffi.register_ffi_target(PREPARE, jax.ffi.pycapsule(lib.ScreenPrepare), platform="cpu")
+    return True
 
 
 def _require():

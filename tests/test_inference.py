@@ -151,9 +151,7 @@ def test_greedy_generation_screened_equals_the_plain_product(decoder):
     assert screened_argmax.available()
     ids = [1, 40, 50, 60, 70]
     assert inference.generate(params, cfg, ids, 40) == inference.generate(params, cfg, ids, 40, screen=False)
-    text = inference._generate.lower(
-        params, cfg, jnp.asarray([ids], jnp.int32), jax.random.key(0), jnp.bool_(True), jnp.float32(1),
-        jnp.float32(1), jnp.int32(-1), max_new_tokens=8, screen=True).compile().as_text()
+    text = _greedy_generate_hlo(params, cfg, ids, 8, screen=True)
     assert text.count(f'custom_call_target="{screened_argmax.TARGET}"') == 2  # the first token and the loop's
 
 
@@ -185,6 +183,13 @@ def test_kv_cache_decoding_matches_full_forward(decoder):
     assert int(cache["index"]) == 40
 
 
+def _greedy_generate_hlo(params, cfg, prompt_ids, new, **static) -> str:
+    """The compiled HLO text of greedy `inference._generate` (`static`: its static arguments besides the length)."""
+    return inference._generate.lower(
+        params, cfg, jnp.asarray([prompt_ids], jnp.int32), jax.random.key(0), jnp.bool_(True), jnp.float32(1),
+        jnp.float32(1), jnp.int32(-1), max_new_tokens=new, **static).compile().as_text()
+
+
 def _decoding_loop_hlo(text: str) -> str:
     """The HLO text of the decoding `while` loop's body and every computation it calls (fusions, nested loops)."""
     comps = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.M | re.S))
@@ -205,9 +210,7 @@ def test_decoding_loop_updates_the_kv_cache_in_place(decoder):
     one copied three times, every token: a fifth of the 150m model's decoding time on CPU)."""
     params, cfg, _, _ = decoder
     prompt, new = 5, 11
-    text = inference._generate.lower(
-        params, cfg, jnp.ones((1, prompt), jnp.int32), jax.random.key(0), jnp.bool_(True), jnp.float32(1),
-        jnp.float32(1), jnp.int32(-1), max_new_tokens=new).compile().as_text()
+    text = _greedy_generate_hlo(params, cfg, [1] * prompt, new)
     # a global layer's cache holds prompt + new slots, a sliding-window layer's ring only its window
     sizes = {c["k"].size for c in init_cache(cfg, 1, prompt + new)["layers"]}
     assert len(sizes) == 2, sizes

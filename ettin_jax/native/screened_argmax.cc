@@ -43,49 +43,62 @@ inline uint16_t FloatToBf16(float f) {  // round to nearest even (finite inputs)
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Everything the row pass needs, owned by the call and the helpers together (a helper that starts after the call
-// has returned finds no chunk left and touches nothing else).
-struct Pass {
-  int64_t rows, width, chunks;
-  std::vector<float> hb, a, bound;
-  std::vector<uint16_t> hb16;
+// A pass over the rows in chunks of kRowsPerChunk, run by the calling thread and XLA's intra-op pool together
+// (RunOnPool). Chunks are claimed from a shared counter, so the caller never waits on a task that has not started,
+// and a helper that starts after the call has returned finds no chunk left and touches nothing else.
+struct ChunkedPass {
+  int64_t rows = 0, width = 0, chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  virtual ~ChunkedPass() = default;
+  virtual void Rows(int64_t r0, int64_t r1) = 0;
+
+  void Run() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      Rows(c * kRowsPerChunk, std::min(rows, (c + 1) * kRowsPerChunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<ChunkedPass> pass, int64_t rows, int64_t width) {
+  pass->rows = rows, pass->width = width, pass->chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), pass->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([pass]() { pass->Run(); });
+  pass->Run();
+  while (pass->done.load(std::memory_order_acquire) < pass->chunks) std::this_thread::yield();
+}
+
+// Pass 1 of the screened argmax: a_r and bound_r for every row.
+struct ScorePass : ChunkedPass {
+  std::vector<uint16_t> hb;  // bf16(h)
+  std::vector<float> a, bound;
   const uint16_t* lo;
   const float *bias, *norm, *err;
   float c_norm, c_err;
-  std::atomic<int64_t> next{0}, done{0};
 
   // bf16(h) . lo_r in fp32: AVX512-BF16's dot-product instruction where the CPU has it (bandwidth-bound: ~27 GB/s
   // on 2 cores), else a loop the compiler vectorises (compute-bound at about a third of that).
   float Dot(const uint16_t* row) const {
-    const float* h = hb.data();
     int64_t k = 0;
     float acc = 0.f;
 #if defined(__AVX512BF16__)
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (; k + 64 <= width; k += 64) {
-      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(hb16.data() + k));
+      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(&hb[k]));
       acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(row + k + 32),
-                              (__m512bh)_mm512_loadu_si512(hb16.data() + k + 32));
+                              (__m512bh)_mm512_loadu_si512(&hb[k + 32]));
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #endif
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = k; j < width; ++j) acc += h[j] * Bf16ToFloat(row[j]);
+    for (int64_t j = k; j < width; ++j) acc += Bf16ToFloat(hb[j]) * Bf16ToFloat(row[j]);
     return acc;
   }
 
-  void ScoreChunk(int64_t c) {
-    const int64_t r0 = c * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
+  void Rows(int64_t r0, int64_t r1) override {
     for (int64_t r = r0; r < r1; ++r) {
       a[r] = Dot(lo + r * width) + bias[r];
       bound[r] = c_norm * norm[r] + c_err * err[r];
-    }
-  }
-
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      ScoreChunk(c);
-      done.fetch_add(1, std::memory_order_release);
     }
   }
 };
@@ -100,15 +113,15 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "screened_argmax: shapes do not match");
   }
   const float* hf = h.typed_data();
-  auto pass = std::make_shared<Pass>();
-  pass->rows = rows, pass->width = width, pass->chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  pass->hb.resize(width), pass->hb16.resize(width), pass->a.resize(rows), pass->bound.resize(rows);
+  auto pass = std::make_shared<ScorePass>();
+  pass->hb.resize(width), pass->a.resize(rows), pass->bound.resize(rows);
   pass->lo = lo.typed_data(), pass->bias = bias.typed_data(), pass->norm = norm.typed_data();
   pass->err = err.typed_data();
   double h2 = 0, hb2 = 0, dh2 = 0;
   for (int64_t k = 0; k < width; ++k) {
-    const float x = hf[k], xb = Bf16ToFloat(FloatToBf16(x));
-    pass->hb[k] = xb, pass->hb16[k] = FloatToBf16(x);
+    const float x = hf[k];
+    pass->hb[k] = FloatToBf16(x);
+    const float xb = Bf16ToFloat(pass->hb[k]);
     h2 += double(x) * x, hb2 += double(xb) * xb, dh2 += double(x - xb) * (x - xb);
   }
   if (!std::isfinite(h2)) {  // NaN or inf features: the caller computes the logits instead
@@ -123,12 +136,7 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
   pass->c_norm = float((std::sqrt(dh2) + gamma * std::sqrt(hb2) * (1 + std::ldexp(1.0, -8))) * 1.01);
   pass->c_err = float(std::sqrt(hb2) * 1.01);
 
-  // Helpers claim chunks from the shared counter; the calling thread claims them too, so it never waits for a task
-  // that has not started.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), pass->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([pass]() { pass->Run(); });
-  pass->Run();
-  while (pass->done.load(std::memory_order_acquire) < pass->chunks) std::this_thread::yield();
+  RunOnPool(pool, pass, rows, width);
   const std::vector<float>& a = pass->a;
   const std::vector<float>& bound = pass->bound;
 
@@ -163,30 +171,24 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
 
 // The screen's inputs from the fp32 embedding in one pass: lo = bf16(e) (round to nearest even), ||e_i|| and
 // ||e_i - lo_i|| (XLA:CPU's row reductions over the [V, H] embedding took ~130 ms; this is one read at bandwidth).
-struct PreparePass {
-  int64_t rows, width, chunks;
+struct PreparePass : ChunkedPass {
   const float* emb;
   uint16_t* lo;
   float *norm, *err;
-  std::atomic<int64_t> next{0}, done{0};
 
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      const int64_t r0 = c * kRowsPerChunk, r1 = std::min(rows, r0 + kRowsPerChunk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* x = emb + r * width;
-        uint16_t* b = lo + r * width;
-        double n2 = 0, e2 = 0;
+  void Rows(int64_t r0, int64_t r1) override {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = emb + r * width;
+      uint16_t* b = lo + r * width;
+      double n2 = 0, e2 = 0;
 #pragma omp simd
-        for (int64_t k = 0; k < width; ++k) b[k] = FloatToBf16(x[k]);
+      for (int64_t k = 0; k < width; ++k) b[k] = FloatToBf16(x[k]);
 #pragma omp simd reduction(+ : n2, e2)
-        for (int64_t k = 0; k < width; ++k) {
-          const double d = double(x[k]) - double(Bf16ToFloat(b[k]));
-          n2 += double(x[k]) * x[k], e2 += d * d;
-        }
-        norm[r] = float(std::sqrt(n2) * (1 + 1e-6)), err[r] = float(std::sqrt(e2) * (1 + 1e-6));  // rounded up
+      for (int64_t k = 0; k < width; ++k) {
+        const double d = double(x[k]) - double(Bf16ToFloat(b[k]));
+        n2 += double(x[k]) * x[k], e2 += d * d;
       }
-      done.fetch_add(1, std::memory_order_release);
+      norm[r] = float(std::sqrt(n2) * (1 + 1e-6)), err[r] = float(std::sqrt(e2) * (1 + 1e-6));  // rounded up
     }
   }
 };
@@ -194,14 +196,9 @@ struct PreparePass {
 ffi::Error ScreenPrepareImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> emb, ffi::ResultBuffer<ffi::BF16> lo,
                              ffi::ResultBuffer<ffi::F32> norm, ffi::ResultBuffer<ffi::F32> err) {
   auto pass = std::make_shared<PreparePass>();
-  pass->rows = emb.dimensions()[0], pass->width = emb.dimensions()[1];
-  pass->chunks = (pass->rows + kRowsPerChunk - 1) / kRowsPerChunk;
   pass->emb = emb.typed_data(), pass->lo = lo->typed_data(), pass->norm = norm->typed_data();
   pass->err = err->typed_data();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), pass->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([pass]() { pass->Run(); });
-  pass->Run();
-  while (pass->done.load(std::memory_order_acquire) < pass->chunks) std::this_thread::yield();
+  RunOnPool(pool, pass, emb.dimensions()[0], emb.dimensions()[1]);
   return ffi::Error::Success();
 }
 
