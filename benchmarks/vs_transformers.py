@@ -2,15 +2,17 @@
 
     python benchmarks/vs_transformers.py [--rounds=5] [--steps=3] [--only=mlm_8x1024,...] [--out=benchmarks/RESULTS.md]
 
-Workloads (random-initialised models of the same dimensions, fp32, no dropout, torch.set_num_threads(2),
-transformers with attn_implementation="sdpa" and, for MLM, sparse_prediction=True with labels -100 at unmasked
-positions):
+Workloads (random-initialised models of the same dimensions, fp32 unless named _bf16, no dropout,
+torch.set_num_threads(2), transformers with attn_implementation="sdpa" and, for MLM, sparse_prediction=True with
+labels -100 at unmasked positions):
 
     mlm_8x1024       17m encoder train step (forward, backward, optimizer), batch 8 x 1024, 30% masked
     clm_8x1024       17m decoder train step, batch 8 x 1024
     mlm_1x8192       17m encoder train step, batch 1 x 8192
     fwd_150m_32x512  150m encoder forward, no head, batch 32 x 512 (inference)
     gen_150m         150m decoder, greedy, 256 new tokens after a 64-token prompt, batch 1
+    *_bf16           mlm_8x1024, clm_8x1024 and fwd_150m_32x512 in mixed precision (bf16 compute, fp32 parameters
+                     and optimizer state; theirs under torch.autocast("cpu", torch.bfloat16))
 
 Ours: the jitted `train.make_train_step` (StableAdamW) with donated state, called directly (ettin_jax.bench);
 theirs: model(**inputs).loss.backward(); torch.optim.AdamW.step(); zero_grad. Each round times `--steps` calls of
@@ -36,12 +38,19 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 WORKLOADS = {
-    # name: (kind, size, objective, batch, seq_len, target ratio, what)
-    "mlm_8x1024": ("train", "17m", "mlm", 8, 1024, 1.4, "train step, 17m MLM, 8 x 1024"),
-    "clm_8x1024": ("train", "17m", "clm", 8, 1024, 1.4, "train step, 17m CLM, 8 x 1024"),
-    "mlm_1x8192": ("train", "17m", "mlm", 1, 8192, 1.8, "train step, 17m MLM, 1 x 8192"),
-    "fwd_150m_32x512": ("forward", "150m", "mlm", 32, 512, 1.3, "encoder forward (no head), 150m, 32 x 512"),
-    "gen_150m": ("generate", "150m", "clm", 1, 64, 1.5, "greedy generation, 150m decoder, 64 + 256 tokens"),
+    # name: (kind, size, objective, batch, seq_len, target ratio (None: no target), what, compute dtype)
+    "mlm_8x1024": ("train", "17m", "mlm", 8, 1024, 1.4, "train step, 17m MLM, 8 x 1024", "float32"),
+    "clm_8x1024": ("train", "17m", "clm", 8, 1024, 1.4, "train step, 17m CLM, 8 x 1024", "float32"),
+    "mlm_1x8192": ("train", "17m", "mlm", 1, 8192, 1.8, "train step, 17m MLM, 1 x 8192", "float32"),
+    "fwd_150m_32x512": ("forward", "150m", "mlm", 32, 512, 1.3, "encoder forward (no head), 150m, 32 x 512",
+                        "float32"),
+    "gen_150m": ("generate", "150m", "clm", 1, 64, 1.5, "greedy generation, 150m decoder, 64 + 256 tokens", "float32"),
+    # Mixed precision, as Ettin trained: bf16 compute, fp32 parameters and optimizer state. Theirs under
+    # torch.autocast("cpu", torch.bfloat16). No target in the issue; reported beside the fp32 rows.
+    "mlm_8x1024_bf16": ("train", "17m", "mlm", 8, 1024, None, "train step, 17m MLM, 8 x 1024, bf16", "bfloat16"),
+    "clm_8x1024_bf16": ("train", "17m", "clm", 8, 1024, None, "train step, 17m CLM, 8 x 1024, bf16", "bfloat16"),
+    "fwd_150m_32x512_bf16": ("forward", "150m", "mlm", 32, 512, None,
+                             "encoder forward (no head), 150m, 32 x 512, bf16", "bfloat16"),
 }
 NEW_TOKENS = 256
 MLM_RATE = 0.3
@@ -56,16 +65,16 @@ def ours(name):
     import jax
     import jax.numpy as jnp
     from ettin_jax import attention, bench, flops, inference, recipe, sizes
-    kind, size, objective, b, t, _, _ = WORKLOADS[name]
+    kind, size, objective, b, t, _, _, dtype = WORKLOADS[name]
     if kind == "train":
         c = recipe.ettin(size=size, objective=objective, phase="pretrain")
         c.global_batch_size, c.seq_len, c.total_steps, c.mlm_rate = b, t, 1000, MLM_RATE
-        c.model.update(dtype="float32", attention_dropout=0.0)
+        c.model.update(dtype=dtype, attention_dropout=0.0)
         c.batch_size_warmup.tokens = 0.0
         c.ce_chunk = CE_CHUNK
         tb = bench.TrainBench(c)
         return tb.step, tb.tokens, tb.flops
-    cfg = sizes.model_config(size)
+    cfg = sizes.model_config(size, dtype=dtype)
     if kind == "forward":
         fb = bench.ForwardBench(cfg, attention.BIDIRECTIONAL, b, t)
         return fb.step, fb.tokens, fb.flops
@@ -88,7 +97,8 @@ def theirs(name):
     from ettin_jax import bench, hf, sizes
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    kind, size, objective, b, t, _, _ = WORKLOADS[name]
+    kind, size, objective, b, t, _, _, dtype = WORKLOADS[name]
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     cfg = sizes.model_config(size, attention_dropout=0.0)
     arch = "decoder" if objective == "clm" else "encoder"
     d = hf.hf_config(cfg, arch)
@@ -120,7 +130,8 @@ def theirs(name):
         mask = torch.ones_like(inputs)
 
         def step():
-            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+            with autocast():
+                loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -136,7 +147,7 @@ def theirs(name):
         mask = torch.ones_like(inputs)
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return model.model(input_ids=inputs, attention_mask=mask).last_hidden_state
         return step, float(b * t), b * t * flops.forward_flops_per_token(cfg, t, causal=False)
     prompt = torch.tensor([[cfg.cls_token_id] + list(range(1000, 1000 + t - 1))])
@@ -232,19 +243,23 @@ def write_results(path, results, peak, argv, loads):
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"load average at start / end {loads[0]} / {loads[1]}. Measured fp32 matmul peak (best during the "
              f"run): {peak / 1e9:.0f} GFLOP/s. Versions: {_versions()}.", "",
-             "Both sides: fp32, random-initialised, same dimensions, no dropout; transformers with sdpa attention, "
+             "Both sides: fp32 (rows marked bf16: bf16 compute with fp32 parameters and optimizer state, theirs "
+             "under torch.autocast(\"cpu\", torch.bfloat16)), random-initialised, same dimensions, no dropout; "
+             "transformers with sdpa attention, "
              "sparse prediction for MLM, torch.set_num_threads(2), its own AdamW step inside the timed train step "
              "(ours: StableAdamW inside the jitted step). Each round times both sides back to back, alternating "
              "which goes first; the figures are medians over all rounds, the ratio is ours / transformers.", "",
              "| workload | ours tok/s | transformers tok/s | ratio | target | met | ours MFU | transformers MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        target = WORKLOADS[name][5]
+        target, bf16 = WORKLOADS[name][5], WORKLOADS[name][7] == "bfloat16"
         o, t = r["ours"], r["transformers"]
-        mfu = lambda s: s["flops_per_step"] / s["step_time_s"] / peak
+        # bf16 rows: no MFU (their products run on the bf16 units, whose peak this script does not measure)
+        mfu = lambda s: "n/a" if bf16 else f"{s['flops_per_step'] / s['step_time_s'] / peak:.0%}"
+        met = "-" if target is None else ("yes" if r["ratio"] >= target else "NO")
         lines.append(f"| {WORKLOADS[name][6]} | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
-                     f"{r['ratio']:.2f}x | {target}x | {'yes' if r['ratio'] >= target else 'NO'} | "
-                     f"{mfu(o):.0%} | {mfu(t):.0%} |")
+                     f"{r['ratio']:.2f}x | {'-' if target is None else f'{target}x'} | {met} | "
+                     f"{mfu(o)} | {mfu(t)} |")
     mem = {n: r for n, r in results.items() if "memory" in r}
     if mem:
         lines += ["", "Peak memory: each side's peak resident set size (VmHWM) in a fresh subprocess that builds "

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
+from ettin_jax import cpu_dots
 
 Array = jax.Array
 
@@ -256,6 +257,8 @@ class Dense(nn.Module):
             return jax.lax.dot_general(x.astype(self.dtype), kernel_t.astype(self.dtype),
                                        (((x.ndim - 1,), (1,)), ((), ())))
         kernel = self.param("kernel", _init(self.std, self.names), (x.shape[-1], self.features), jnp.float32)
+        if cpu_dots.enabled(self.dtype):
+            return cpu_dots.dense(x.astype(self.dtype), kernel)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -437,6 +440,9 @@ class Ettin(nn.Module):
 
     def decode(self, features):
         """Tied decoder: features @ tok_embeddings^T + bias, logits in fp32."""
+        if cpu_dots.enabled(self.tok_embeddings.dtype):
+            logits = cpu_dots.decode(features.astype(self.tok_embeddings.dtype), self.tok_embeddings.embedding)
+            return logits + self.decoder_bias
         emb = self.tok_embeddings.embedding.astype(self.tok_embeddings.dtype)
         # Contract over the embedding's feature dim directly: `x @ E.T` makes XLA on CPU copy the transposed
         # V x H table on every call (~100 ms per decode step at 150m).

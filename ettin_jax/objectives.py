@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
+from ettin_jax import cpu_dots
 from ettin_jax.model import Ettin
 
 
@@ -96,6 +97,7 @@ def _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk: int, with_gra
     weights = weights.astype(jnp.float32)
     emb = embedding.astype(x.dtype)
     vocab = embedding.shape[0]
+    emb_t = cpu_dots.enabled(x.dtype)  # accumulate dE transposed, [H, V]: see below
 
     def body(carry, inp):
         xc, yc, wc = inp
@@ -117,16 +119,20 @@ def _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk: int, with_gra
         dlogits = (e * (wc[:, None] / s)).at[rows, yc].add(-wc)  # d loss_sum / d logits: w * (softmax - onehot)
         dl = dlogits.astype(x.dtype)
         dx = jax.lax.dot_general(dl, emb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        d_emb = carry[2] + jax.lax.dot_general(dl, xc, (((0,), (0,)), ((), ())),
-                                               preferred_element_type=jnp.float32)
+        if emb_t:  # [H, V]: (xc^T) dl, a row-major product that XLA:CPU runs in bf16 (cpu_dots)
+            d_emb = carry[2] + jax.lax.dot_general(cpu_dots.transposed(xc), dl, (((1,), (0,)), ((), ())),
+                                                   preferred_element_type=jnp.float32)
+        else:
+            d_emb = carry[2] + jax.lax.dot_general(dl, xc, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=jnp.float32)
         # Column sums as a matrix-vector product: XLA:CPU's reduction over the major axis of [C, V] is ~50x slower.
         d_bias = carry[3] + jax.lax.dot_general(jnp.ones((xc.shape[0],), jnp.float32), dlogits,
                                                 (((0,), (0,)), ((), ())))
         return out + (d_emb, d_bias), (dx.astype(x.dtype), ce)
 
     zero = jnp.zeros((), jnp.float32)
-    carry = (zero, zero) + ((jnp.zeros((vocab, h), jnp.float32), jnp.zeros((vocab,), jnp.float32))
-                            if with_grads else (None, None))
+    carry = (zero, zero) + ((jnp.zeros((h, vocab) if emb_t else (vocab, h), jnp.float32),
+                             jnp.zeros((vocab,), jnp.float32)) if with_grads else (None, None))
     xs = (x.reshape(nc, chunk, h), labels.reshape(nc, chunk), weights.reshape(nc, chunk))
     if nc == 1:
         carry, (dx, ce) = body(carry, jax.tree_util.tree_map(lambda a: a[0], xs))
@@ -135,6 +141,8 @@ def _decoder_ce_chunks(x, embedding, bias, labels, weights, chunk: int, with_gra
         carry, (dx, ce) = jax.lax.scan(body, carry, xs)
     if with_grads:
         dx, ce = dx.reshape(-1, h)[:n], ce.reshape(-1)[:n]
+        if emb_t:  # behind a barrier, as cpu_dots.transposed_product does
+            carry = carry[:2] + (jax.lax.optimization_barrier(carry[2]).T,) + carry[3:]
     return carry, dx, ce
 
 
