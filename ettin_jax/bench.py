@@ -10,7 +10,8 @@ on one synthetic batch that stays on the device (no data pipeline, no host loop)
 
 Peak memory is XLA's compiled memory analysis of the jitted step (arguments + outputs + temporaries, less what is
 donated), which every backend reports; on CPU the process's peak RSS is given as well. MFU counts the FLOPs the
-model needs (`ettin_jax.flops`) against `flops.peak_flops_per_device()` (the measured fp32 matmul peak on CPU).
+model needs (`ettin_jax.flops`) against `flops.peak_flops_per_device()` (on CPU the measured matmul peak in the
+model's compute dtype: fp32, or bf16 products with fp32 accumulation).
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def summarize(times: list[float], *, tokens: float, flops: float, peak: float) -
 
 def run(config, *, steps: int = 10, warmup: int = 2, forward: bool = True, log=print) -> dict:
     """Benchmarks the train step (and the forward of each model) of `config`; returns the figures."""
-    peak, peak_src = flops_lib.peak_flops_per_device()
+    peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
     n_dev = jax.device_count()
     out = dict(device=jax.devices()[0].device_kind, devices=n_dev, peak_flops=peak, peak_source=peak_src,
                size=config.size, objective=config.objective, batch=config.global_batch_size,

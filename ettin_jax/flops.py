@@ -60,12 +60,13 @@ def train_flops(cfg: ModelConfig, *, tokens: float, predictions: float, seq_len:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 matmul FLOP/s of this machine's default device (the CPU's peak for MFU)."""
+def measured_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Matmul FLOP/s of this machine's default device (the CPU's peak for MFU): fp32, or for dtype="bfloat16" bf16
+    operands with fp32 accumulation (the products a bf16 model runs; on CPU YNNPACK's AMX/AVX512-BF16 kernels)."""
     import jax
     import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -75,8 +76,8 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from) for the first device."""
+def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for the first device, for a model computing in `dtype`."""
     import jax
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", "")
@@ -84,5 +85,7 @@ def peak_flops_per_device() -> tuple[float, str]:
         if name.lower() in kind.lower():
             return peak, f"{kind} bf16 dense table value"
     if d.platform == "cpu":
-        return measured_matmul_peak(), "measured fp32 matmul peak of this CPU"
+        low = jax.numpy.dtype(dtype) == jax.numpy.bfloat16
+        return (measured_matmul_peak(dtype="bfloat16" if low else "float32"),
+                f"measured {'bf16' if low else 'fp32'} matmul peak of this CPU")
     return float("nan"), f"unknown device kind {kind!r}"

@@ -568,7 +568,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                         in_shardings=(*state_shardings, batch_sh, None, None),
                         out_shardings=(*state_shardings, None))
 
-        peak, peak_src = flops_lib.peak_flops_per_device()
+        peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
         n_devices = mesh.devices.size
         writer = MetricsWriter(workdir, start_step)
         from ettin_jax.data import ProvenanceWriter

@@ -76,7 +76,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     c = small("paired", steps=STEPS)
     c.model.update(**MODEL)
     c.mesh.data, c.mesh.fsdp = 1, -1
-    monkeypatch.setattr(flops, "peak_flops_per_device", lambda: (1e12, "test"))
+    monkeypatch.setattr(flops, "peak_flops_per_device", lambda dtype="float32": (1e12, "test"))
     single = str(tmp_path / "one")
     train.train(c, single, log=lambda *_: None)
 

@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
         if mesh not in cache:
             workdir = str(tmp_path_factory.mktemp("x".join(map(str, mesh))))
             with pytest.MonkeyPatch.context() as mp:  # MFU's CPU peak is measured by a 20 s matmul: not needed
-                mp.setattr(flops, "peak_flops_per_device", lambda: (1e12, "test"))
+                mp.setattr(flops, "peak_flops_per_device", lambda dtype="float32": (1e12, "test"))
                 train.train(config(mesh), workdir, log=lambda *_: None)
             cache[mesh] = workdir
         return cache[mesh]
@@ -297,7 +297,7 @@ def test_checkpoint_saved_on_2x2x2_continues_on_8x1x1(runs, tmp_path):
         restored.append(out[1])
         return out
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flops, "peak_flops_per_device", lambda: (1e12, "test"))
+        mp.setattr(flops, "peak_flops_per_device", lambda dtype="float32": (1e12, "test"))
         mp.setattr(checkpoint.Checkpoints, "restore_latest", spy)
         train.train(config((8, 1, 1)), work, allow_config_change=True, log=logs.append)
     # The state was read straight onto the new mesh's shardings (pure data parallel: every leaf whole on every
