@@ -238,7 +238,7 @@ def run_workload(name, rounds, steps, log):
 
 def write_results(path, results, peak, argv, loads):
     lines = ["# Ours vs transformers' ModernBERT on this CPU", "",
-             "Reproduce (from the repository root, on a quiet machine; 11-13 minutes on the 2-core machine):", "",
+             "Reproduce (from the repository root, on a quiet machine; 16-19 minutes on the 2-core machine):", "",
              f"    python benchmarks/vs_transformers.py {' '.join(argv)}".rstrip(), "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"load average at start / end {loads[0]} / {loads[1]}. Measured fp32 matmul peak (best during the "
