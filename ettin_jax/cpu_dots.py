@@ -36,7 +36,7 @@ Array = jax.Array
 
 
 def enabled(dtype) -> bool:
-    """Whether `Dense` should use `dense` for this compute dtype on the default backend."""
+    """Whether products in this compute dtype should go through this module on the default backend."""
     return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
