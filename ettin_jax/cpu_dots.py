@@ -23,11 +23,13 @@ of the product) is neither upcast nor handed to YNNPACK, and fails at run time (
 DotThunk::Execute"); so does a plain bf16 `x @ E.T` decoder's gradient in some graphs. `transposed_product` puts
 such a transpose behind an optimization barrier, and `decode` replaces the tied decoder's plain product.
 
-Used when the compute dtype is bf16 and the backend is CPU (`enabled`): by `model.Dense`, by `Ettin.decode` and by
-the fused cross-entropy's embedding gradient (`objectives`). Elsewhere the plain products stay, which XLA:GPU and
-XLA:TPU already run on their matrix units. fp32 models are untouched.
+Used when the compute dtype is bf16, the backend is CPU and the processor has bf16 instructions (`enabled`): by
+`model.Dense`, by `Ettin.decode` and by the fused cross-entropy's embedding gradient (`objectives`). Elsewhere the
+plain products stay, which XLA:GPU and XLA:TPU already run on their matrix units. fp32 models are untouched.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +38,21 @@ Array = jax.Array
 
 
 def enabled(dtype) -> bool:
-    """Whether products in this compute dtype should go through this module on the default backend."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+    """Whether products in this compute dtype should go through this module: bf16, on a CPU backend whose
+    processor has bf16 instructions (AVX512-BF16, AMX-BF16 or Arm's BF16). Without them YNNPACK's bf16 kernels
+    have no hardware to run on, and the identity products that make the transposes would be pure cost."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and cpu_has_bf16_units()
+
+
+@functools.cache
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `cpuinfo` lists a bf16 instruction set (False where there is no such file)."""
+    try:
+        with open(cpuinfo) as f:
+            words = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:

@@ -15,6 +15,33 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU 
 BF16 = jnp.bfloat16
 
 
+@pytest.fixture
+def cpu_dots_on(monkeypatch):
+    """The model's bf16 products through cpu_dots whatever this CPU's instruction set (CI's may lack bf16 units;
+    the products are the same, only slower)."""
+    monkeypatch.setattr(cpu_dots, "cpu_has_bf16_units", lambda: True)
+
+
+@pytest.mark.parametrize("text,has", [
+    ("flags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),
+    ("model name\t: some bf16 marketing name\nflags\t\t: fpu avx2\n", False),
+])
+def test_cpu_has_bf16_units_reads_the_flags(tmp_path, text, has):
+    (tmp_path / "cpuinfo").write_text(text)
+    assert cpu_dots.cpu_has_bf16_units(str(tmp_path / "cpuinfo")) is has
+    assert cpu_dots.cpu_has_bf16_units(str(tmp_path / "missing")) is False
+
+
+def test_enabled_only_for_bf16_on_a_cpu_with_bf16_units(monkeypatch):
+    monkeypatch.setattr(cpu_dots, "cpu_has_bf16_units", lambda: True)
+    assert cpu_dots.enabled("bfloat16") and cpu_dots.enabled(BF16)
+    assert not cpu_dots.enabled("float32")
+    monkeypatch.setattr(cpu_dots, "cpu_has_bf16_units", lambda: False)
+    assert not cpu_dots.enabled("bfloat16")
+
+
 def _f32(x):
     return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
 
@@ -69,7 +96,7 @@ def _dots(hlo: str) -> list[tuple[str, str, set[str]]]:
     return out
 
 
-def test_a_bf16_train_step_runs_every_projection_product_in_bf16():
+def test_a_bf16_train_step_runs_every_projection_product_in_bf16(cpu_dots_on):
     """The forward product and both gradient products of every projection of a bf16 train step have bf16
     operands. The plain `jnp.dot` fails this: its weight gradients, and every product whose result is bf16, are
     upcast to fp32 and leave YNNPACK."""
@@ -85,7 +112,7 @@ def test_a_bf16_train_step_runs_every_projection_product_in_bf16():
     assert all(t == {"bf16"} for _, _, t in proj), [p for p in proj if p[2] != {"bf16"}]
 
 
-def test_the_fused_cross_entropy_runs_its_products_in_bf16():
+def test_the_fused_cross_entropy_runs_its_products_in_bf16(cpu_dots_on):
     n, v, h = 70, 300, 16
     x = jnp.ones((n, h), BF16)
     f = jax.jit(jax.grad(lambda x, e, b: objectives.decoder_cross_entropy(
@@ -108,7 +135,7 @@ def _batch(cfg, b=2, t=32, p=6, seed=0):
 
 
 @pytest.mark.parametrize("name", ["mlm", "clm"])
-def test_bf16_loss_and_gradients_equal_the_plain_products(name, monkeypatch):
+def test_bf16_loss_and_gradients_equal_the_plain_products(name, monkeypatch, cpu_dots_on):
     cfg = sizes.model_config("tiny", vocab_size=256, dtype="bfloat16")
     params = model.init_params(cfg, jax.random.key(0))
     m = model.Ettin(cfg)
@@ -119,7 +146,6 @@ def test_bf16_loss_and_gradients_equal_the_plain_products(name, monkeypatch):
         return jax.jit(jax.value_and_grad(
             lambda p: objectives.loss_fn(p, batch, model=m, objective=obj, chunk=16)[0]))(params)
 
-    assert cpu_dots.enabled("bfloat16")
     (l1, g1) = run()
     monkeypatch.setattr(cpu_dots, "enabled", lambda dtype: False)
     (l2, g2) = run()
@@ -131,7 +157,7 @@ def test_bf16_loss_and_gradients_equal_the_plain_products(name, monkeypatch):
         np.testing.assert_allclose(a, b, atol=0.03 * scale + 1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-def test_decoder_cross_entropy_bf16_gradients_with_and_without_the_transposed_accumulator(monkeypatch):
+def test_decoder_cross_entropy_bf16_gradients_with_and_without_the_transposed_dE(monkeypatch, cpu_dots_on):
     k = jax.random.split(jax.random.key(3), 4)
     n, v, h = 70, 300, 16
     x = jax.random.normal(k[0], (n, h)).astype(BF16)
