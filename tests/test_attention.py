@@ -103,6 +103,7 @@ def test_tiled_equals_reference(band, layout, tiles):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiled_cross_attention_with_indices_and_missing_keys():
     """Queries against a longer key range measured in their own indices (as a KV cache is), keys marked missing
     (segment -1) and rows that see no key at all: the same as the reference, forward and gradients."""

@@ -96,6 +96,7 @@ def _dots(hlo: str) -> list[tuple[str, str, set[str]]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_bf16_train_step_runs_every_projection_product_in_bf16(cpu_dots_on):
     """The forward product and both gradient products of every projection of a bf16 train step have bf16
     operands. The plain `jnp.dot` fails this: its weight gradients, and every product whose result is bf16, are
@@ -134,6 +135,7 @@ def _batch(cfg, b=2, t=32, p=6, seed=0):
         mlm_weights=np.ones((b, p), np.float32)).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlm", "clm"])
 def test_bf16_loss_and_gradients_equal_the_plain_products(name, monkeypatch, cpu_dots_on):
     cfg = sizes.model_config("tiny", vocab_size=256, dtype="bfloat16")

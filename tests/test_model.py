@@ -177,6 +177,7 @@ def test_self_attention_dispatch():
         attention.self_attention(q, k, v, segment_ids=seg, band=(None, None), impl="flash3")
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_equals_full_forward():
     """Prefills and steps of any length equal one causal forward, while the sliding-window layers' ring caches (4
     slots here) wrap: chunks longer than the window, chunks at a nonzero index, single tokens."""

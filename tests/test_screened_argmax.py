@@ -110,6 +110,7 @@ def test_values_that_are_not_finite_give_minus_one(run):
             assert [int(x) for x in run(*args)] == [-1, -1]
 
 
+@pytest.mark.slow
 def test_a_failed_build_falls_back(tmp_path):
     """No compiler: `available()` is False with the reason logged, nothing is left in the cache, and greedy
     generation still runs (plain product); a damaged cached library likewise; ETTIN_JAX_NATIVE=0 turns it off."""
