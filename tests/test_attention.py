@@ -366,7 +366,8 @@ def test_splash_on_one_device_has_no_shard_map():
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mask", ["encoder", pytest.param("decoder", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mask", ["encoder", "decoder"])
 def test_model_with_splash_on_a_mesh_equals_xla(mask):
     """The mesh reaches the op through the model (which names no device axis): a 2-layer model (one global, one
     local layer) with attention_impl='splash' on a (2, 2, 2) mesh equals 'xla', hidden states and gradients."""

@@ -144,6 +144,7 @@ def test_greedy_generation_matches_transformers(folders, decoder):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler (g++) to build the handler")
+@pytest.mark.slow
 def test_greedy_generation_screened_equals_the_plain_product(decoder):
     """On CPU greedy decoding takes the token from `screened_argmax` (the tied decoder's bf16 copy, exact fp32
     rows where needed): the same tokens as the plain fp32 product, and the compiled loop calls the handler."""
@@ -299,6 +300,7 @@ def test_cli_usage_errors(folders, tmp_path, capsys):
     assert code == 2 and "use `ettin generate`" in err
 
 
+@pytest.mark.slow
 def test_workdir_models(folders, tmp_path, capsys):
     """A paired run's workdir: fill-mask takes its encoder, generate its decoder, as from the HF folders."""
     from ettin_jax import checkpoint

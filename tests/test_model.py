@@ -200,6 +200,7 @@ def test_kv_cache_decoding_equals_full_forward():
         m.apply({"params": params}, tokens[:, :1], mask=attention.BIDIRECTIONAL, cache=model.init_cache(cfg, 1, 8))
 
 
+@pytest.mark.slow
 def test_transposed_output_kernels_give_the_same_model():
     """`transpose_for_decoding` stores the Wo kernels as kernel_t [out, in]: the same function; a kernel_t of the
     wrong shape is an error."""
