@@ -45,14 +45,19 @@ def enabled(dtype) -> bool:
 
 
 @functools.cache
-def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether `cpuinfo` lists a bf16 instruction set (False where there is no such file)."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The instruction-set flags `cpuinfo` lists (x86 `flags`, Arm `Features` lines); empty where there is no such
+    file."""
     try:
         with open(cpuinfo) as f:
-            words = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+            return frozenset(w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[-1].split())
     except OSError:
-        return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+        return frozenset()
+
+
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `cpuinfo` lists a bf16 instruction set (False where there is no such file)."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:

@@ -29,17 +29,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ettin_jax import cpu_dots
+
 TARGET, PREPARE = "ettin_screened_argmax", "ettin_screen_prepare"
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "screened_argmax.cc")
 
 
 def _cpu_key() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
+    return platform.machine() + " ".join(sorted(cpu_dots.cpu_flags()))
 
 
 def _build() -> Optional[str]:
