@@ -207,7 +207,10 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
       float m = -INFINITY;
       for (int64_t c = 0; c < chunks; ++c) m = std::max(m, cmax[c * rows + r]);
       float total = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) total += csum[c * rows + r] * std::exp(cmax[c * rows + r] - m);
+      for (int64_t c = 0; c < chunks; ++c) {  // coef holds exp(max_c - max) until the row's sum is known
+        coef[c * rows + r] = std::exp(cmax[c * rows + r] - m);
+        total += csum[c * rows + r] * coef[c * rows + r];
+      }
       const int64_t label = pb.y[r0 + r];
       float picked = 0.f;
       for (int64_t k = 0; k < h; ++k) picked = std::fma(pb.emb[label * h + k], x[r * h + k], picked);
@@ -215,7 +218,7 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
       pb.ce[r0 + r] = m + std::log(total) - picked;
       pb.correct[r0 + r] = picked >= m ? 1.f : 0.f;
       const float wr = pb.w[r0 + r];
-      for (int64_t c = 0; c < chunks; ++c) coef[c * rows + r] = wr * std::exp(cmax[c * rows + r] - m) / total;
+      for (int64_t c = 0; c < chunks; ++c) coef[c * rows + r] *= wr / total;
     }
 
     // Pass 2, per vocabulary chunk: D = coef * e - w onehot(y) in place, then db, dE (rows owned by the chunk)
