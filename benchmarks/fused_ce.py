@@ -1,34 +1,20 @@
-"""XLA's fused decoder cross-entropy (objectives.decoder_cross_entropy, value and gradients) against the same
-computation in one native kernel (benchmarks/native/fused_ce.cc, an XLA FFI handler with AVX-512 GEMM tiles and
-the softmax done on cache-resident vocabulary chunks).
+"""The decoder cross-entropy's two paths, value and gradients: XLA's chunked one (objectives._decoder_ce_chunks)
+against the native kernel (ettin_jax/fused_ce.py, native/fused_ce.cc: AVX-512 GEMM tiles with the softmax done
+on cache-resident vocabulary chunks), which fp32 training on an AVX-512 CPU uses.
 
-    python benchmarks/fused_ce.py [--rows=8192] [--rounds=5]   # needs g++ and AVX-512 (compiles into a temp dir)
+    python benchmarks/fused_ce.py [--rows=8192] [--rounds=5]   # needs g++ and AVX-512
 
 8192 rows are the CLM 8 x 1024 step's, 2458 the MLM step's masked positions. Checks the two agree (loss, dx, dE,
-db), then times them alternating in one process. docs/perf.md, "A native fused cross-entropy": 12-15% faster than
-XLA's on the 2-core machine; not yet used by the model. A measurement, not part of the model.
+db), then times them alternating in one process. docs/perf.md item 15: 12-15% faster than XLA's on the 2-core
+machine.
 """
 import argparse
-import ctypes
-import os
-import subprocess
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
-from ettin_jax import objectives
-
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "fused_ce.cc")
-
-
-def build(folder):
-    path = os.path.join(folder, "fused_ce.so")
-    subprocess.run(["g++", "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", f"-I{jax.ffi.include_dir()}",
-                    SOURCE, "-o", path], check=True, capture_output=True, text=True)
-    lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target("bench_fused_ce", jax.ffi.pycapsule(lib.FusedCe), platform="cpu")
+from ettin_jax import fused_ce, objectives
 
 
 def main():
@@ -38,9 +24,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=50368)
     ap.add_argument("--width", type=int, default=256)
     a = ap.parse_args()
-    n, v, h = -(-a.rows // 32) * 32, a.vocab, a.width
-    with tempfile.TemporaryDirectory() as folder:
-        build(folder)
+    n, v, h = a.rows, a.vocab, a.width
+    if not fused_ce.available():
+        raise SystemExit("the native fused CE is not available here (needs AVX-512 and g++; see the logged warning)")
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     x = jax.random.normal(k[0], (n, h)) * 0.5
     emb = jax.random.normal(k[1], (v, h)) * 0.05
@@ -49,15 +35,12 @@ def main():
     w = jnp.ones((n,))
 
     def native(x, emb, bias):
-        f32 = jnp.float32
-        out = (jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((n,), f32), jax.ShapeDtypeStruct((n, h), f32),
-               jax.ShapeDtypeStruct((v, h), f32), jax.ShapeDtypeStruct((v,), f32))
-        ce, _, dx, d_emb, d_bias = jax.ffi.ffi_call("bench_fused_ce", out)(x, emb, bias, y, w)
+        ce, _, dx, d_emb, d_bias = fused_ce.cross_entropy(x, emb, bias, y, w)
         return jnp.sum(w * ce), (dx, d_emb, d_bias)
 
     def xla(x, emb, bias):
-        loss = lambda x, emb, bias: objectives.decoder_cross_entropy(x, emb, bias, y, w, chunk=512)[0]
-        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, emb, bias)
+        (loss, _, d_emb, d_bias), dx, _ = objectives._decoder_ce_chunks(x, emb, bias, y, w, 512, True)
+        return loss, (dx, d_emb, d_bias)
 
     fn, fx = jax.jit(native), jax.jit(xla)
     (l1, g1), (l2, g2) = fn(x, emb, bias), fx(x, emb, bias)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import screened_argmax
+from ettin_jax import native_build, screened_argmax
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler (g++) to build the handler")
 
@@ -129,6 +129,6 @@ def test_a_failed_build_falls_back(tmp_path):
     assert "could not be built" in run_with(tmp_path / "a", CXX=str(tmp_path / "no-such-compiler"))
     assert not list((tmp_path / "a").iterdir())
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / os.path.basename(screened_argmax._build())).write_bytes(b"not a library")
+    (tmp_path / "b" / os.path.basename(native_build.build("screened_argmax"))).write_bytes(b"not a library")
     assert "delete it to rebuild" in run_with(tmp_path / "b")
     run_with(tmp_path / "c", ETTIN_JAX_NATIVE="0")

@@ -9,18 +9,18 @@
 // Pass 2: only rows with a_i + bound_i >= max_j (a_j - bound_j) can hold the maximum; they are recomputed from the
 // fp32 rows (in double) and the best is returned (the first of equals, as argmax). Nothing is approximated: the
 // screen only decides which rows need their exact value.
-#include <atomic>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -43,29 +43,18 @@ inline uint16_t FloatToBf16(float f) {  // round to nearest even (finite inputs)
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// A pass over the rows in chunks of kRowsPerChunk, run by the calling thread and XLA's intra-op pool together
-// (RunOnPool). Chunks are claimed from a shared counter, so the caller never waits on a task that has not started,
-// and a helper that starts after the call has returned finds no chunk left and touches nothing else.
+// A pass over the rows in chunks of kRowsPerChunk, run by the calling thread and XLA's intra-op pool together.
 struct ChunkedPass {
-  int64_t rows = 0, width = 0, chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t rows = 0, width = 0;
   virtual ~ChunkedPass() = default;
   virtual void Rows(int64_t r0, int64_t r1) = 0;
-
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      Rows(c * kRowsPerChunk, std::min(rows, (c + 1) * kRowsPerChunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
-void RunOnPool(ffi::ThreadPool& pool, std::shared_ptr<ChunkedPass> pass, int64_t rows, int64_t width) {
-  pass->rows = rows, pass->width = width, pass->chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), pass->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([pass]() { pass->Run(); });
-  pass->Run();
-  while (pass->done.load(std::memory_order_acquire) < pass->chunks) std::this_thread::yield();
+void RunOnPool(ffi::ThreadPool& pool, ChunkedPass& pass, int64_t rows, int64_t width) {
+  pass.rows = rows, pass.width = width;
+  ettin::ParallelFor(pool, (rows + kRowsPerChunk - 1) / kRowsPerChunk, [&pass, rows](int64_t c, int) {
+    pass.Rows(c * kRowsPerChunk, std::min(rows, (c + 1) * kRowsPerChunk));
+  });
 }
 
 // Pass 1 of the screened argmax: a_r and bound_r for every row.
@@ -113,7 +102,7 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "screened_argmax: shapes do not match");
   }
   const float* hf = h.typed_data();
-  auto pass = std::make_shared<ScorePass>();
+  auto pass = std::make_unique<ScorePass>();
   pass->hb.resize(width), pass->a.resize(rows), pass->bound.resize(rows);
   pass->lo = lo.typed_data(), pass->bias = bias.typed_data(), pass->norm = norm.typed_data();
   pass->err = err.typed_data();
@@ -136,7 +125,7 @@ ffi::Error ScreenedArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi
   pass->c_norm = float((std::sqrt(dh2) + gamma * std::sqrt(hb2) * (1 + std::ldexp(1.0, -8))) * 1.01);
   pass->c_err = float(std::sqrt(hb2) * 1.01);
 
-  RunOnPool(pool, pass, rows, width);
+  RunOnPool(pool, *pass, rows, width);
   const std::vector<float>& a = pass->a;
   const std::vector<float>& bound = pass->bound;
 
@@ -195,10 +184,10 @@ struct PreparePass : ChunkedPass {
 
 ffi::Error ScreenPrepareImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> emb, ffi::ResultBuffer<ffi::BF16> lo,
                              ffi::ResultBuffer<ffi::F32> norm, ffi::ResultBuffer<ffi::F32> err) {
-  auto pass = std::make_shared<PreparePass>();
+  auto pass = std::make_unique<PreparePass>();
   pass->emb = emb.typed_data(), pass->lo = lo->typed_data(), pass->norm = norm->typed_data();
   pass->err = err->typed_data();
-  RunOnPool(pool, pass, emb.dimensions()[0], emb.dimensions()[1]);
+  RunOnPool(pool, *pass, emb.dimensions()[0], emb.dimensions()[1]);
   return ffi::Error::Success();
 }
 

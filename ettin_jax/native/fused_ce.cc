@@ -1,7 +1,6 @@
-// The tied decoder's cross-entropy and its gradients in one pass on CPU (fp32): an XLA FFI handler, measured
-// against XLA's own fused CE by benchmarks/fused_ce.py (docs/perf.md, "A native fused cross-entropy"). A
-// measurement, not yet part of the model: 12-15% faster than XLA's CE alone on the 2-core machine (~4-7% of a
-// train step); the model still uses objectives.decoder_cross_entropy.
+// The tied decoder's cross-entropy and its gradients in one pass on CPU (fp32): an XLA FFI handler used by
+// objectives.decoder_cross_entropy's forward-with-gradients pass (ettin_jax/fused_ce.py says when). 12-15% faster
+// than the same computation in XLA on the 2-core machine (benchmarks/fused_ce.py; docs/perf.md item 15).
 //
 // For features x [n, h], embedding E [v, h], bias b [v], labels y [n] and weights w [n] it returns per row
 // ce_r = lse_r - l_{r, y_r} and correct_r = [l_{r, y_r} >= max_j l_rj] (l = x E^T + b), and the gradients of
@@ -20,20 +19,23 @@
 //   dE:      dE[v][:] += sum_r D[v][r] x[r][:]   (D broadcast, x rows loaded)
 //   dx:      dx[r][:] += sum_v D[v][r] E[v][:]   (D broadcast, E rows loaded)
 // Requirements (checked by the handler): n a multiple of 32 (a caller pads with weight-0 rows), h a
-// multiple of 64, labels in [0, v) (a caller clips them).
+// multiple of 64. A label outside [0, v) reads the logit of the nearest valid one and adds no one-hot term.
 
+#if !defined(__AVX512F__)
+#error "fused_ce.cc needs AVX-512 (ettin_jax/fused_ce.py checks the CPU before building it)"
+#endif
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
-#include <vector>
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace ettin_ce {
 
@@ -159,11 +161,9 @@ inline Floats Alloc(int64_t count) {
   return Floats(p);
 }
 
-// fn(task, worker) for task in [0, tasks), on `workers` threads at most (the caller is one of them).
-using ParallelFor = std::function<void(int64_t tasks, const std::function<void(int64_t, int)>& fn)>;
-
-// Runs the whole problem. `workers`: the most threads parallel_for uses.
-inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for) {
+// Runs the whole problem on the calling thread and XLA's intra-op pool.
+inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
+  const int workers = ettin::Workers(pool);
   const int64_t n = pb.n, h = pb.h, nv = pb.v;
   const int64_t chunks = (nv + kVChunk - 1) / kVChunk;
   std::memset(pb.demb, 0, sizeof(float) * nv * h);
@@ -180,7 +180,7 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
         for (int64_t k = 0; k < h; ++k) xt[(p * h + k) * kPanel + j] = x[(p * kPanel + j) * h + k];
 
     // Pass 1, per vocabulary chunk: logits, the chunk's max per row, exp(l - max) in place, its sum per row.
-    parallel_for(chunks, [&](int64_t c, int) {
+    ettin::ParallelFor(pool, chunks, [&](int64_t c, int) {
       const int64_t v0 = c * kVChunk, v1 = std::min(nv, v0 + kVChunk);
       float* mx = cmax.get() + c * rows;
       float* sm = csum.get() + c * rows;
@@ -211,7 +211,7 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
         coef[c * rows + r] = std::exp(cmax[c * rows + r] - m);
         total += csum[c * rows + r] * coef[c * rows + r];
       }
-      const int64_t label = pb.y[r0 + r];
+      const int64_t label = std::clamp<int64_t>(pb.y[r0 + r], 0, nv - 1);
       float picked = 0.f;
       for (int64_t k = 0; k < h; ++k) picked = std::fma(pb.emb[label * h + k], x[r * h + k], picked);
       picked += pb.bias[label];
@@ -224,7 +224,7 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
     // Pass 2, per vocabulary chunk: D = coef * e - w onehot(y) in place, then db, dE (rows owned by the chunk)
     // and dx (into the worker's own partial sum).
     std::memset(dxp.get(), 0, sizeof(float) * workers * rows * h);
-    parallel_for(chunks, [&](int64_t c, int worker) {
+    ettin::ParallelFor(pool, chunks, [&](int64_t c, int worker) {
       const int64_t v0 = c * kVChunk, v1 = std::min(nv, v0 + kVChunk);
       const float* cf = coef.get() + c * rows;
       for (int64_t u = v0; u < v1; ++u) {
@@ -272,29 +272,9 @@ inline void Run(const Problem& pb, int workers, const ParallelFor& parallel_for)
 
 }  // namespace ettin_ce
 
-#ifndef ETTIN_CE_STANDALONE
-#include "xla/ffi/api/ffi.h"
-
 namespace ffi = xla::ffi;
 
 namespace {
-
-// A parallel-for on the calling thread and XLA's intra-op pool: tasks are claimed from a shared counter, so the
-// caller never waits on a helper that has not started, and a helper that starts after the loop has returned finds
-// no task left and touches nothing else.
-struct Loop {
-  std::function<void(int64_t, int)> fn;
-  int64_t tasks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  std::atomic<int> workers{0};
-  void Work() {
-    const int worker = workers.fetch_add(1);
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      fn(t, worker);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
 
 ffi::Error FusedCeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> emb,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> weights,
@@ -312,17 +292,8 @@ ffi::Error FusedCeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ettin_ce::Problem pb{n, h, v, x.typed_data(), emb.typed_data(), bias.typed_data(), weights.typed_data(),
                        labels.typed_data(), ce->typed_data(), correct->typed_data(), dx->typed_data(),
                        demb->typed_data(), dbias->typed_data()};
-  const int workers = std::max(1, int(pool.num_threads()));
-  auto parallel_for = [&](int64_t tasks, const std::function<void(int64_t, int)>& fn) {
-    auto loop = std::make_shared<Loop>();
-    loop->fn = fn, loop->tasks = tasks;
-    const int64_t helpers = std::min<int64_t>(workers, tasks) - 1;
-    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([loop]() { loop->Work(); });
-    loop->Work();
-    while (loop->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
-  };
   try {
-    ettin_ce::Run(pb, workers, parallel_for);
+    ettin_ce::Run(pb, pool);
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fused_ce: out of memory for the scratch buffers");
   }
@@ -337,11 +308,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedCe, FusedCeImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [n, h]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // emb [v, h]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias [v]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // labels [n], in [0, v)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // labels [n]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // weights [n]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // ce [n]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // correct [n]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx [n, h]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // demb [v, h]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dbias [v]
-#endif
