@@ -34,6 +34,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ettin_jax import cpu_attention
+
 Band = tuple[Optional[int], Optional[int]]
 
 _NEG_INF = -1e30  # finite, so a fully masked row (never produced for real tokens) cannot become NaN
@@ -662,6 +664,8 @@ def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", bloc
     'chunked' (the tiled core; causal bands in query chunks against the keys they reach), 'cudnn' (GPU), 'splash'
     (TPU).
     """
+    if impl == "auto" and jax.default_backend() == "cpu" and cpu_attention.usable(q, k, v):
+        return cpu_attention.attention(q, k, v, segment_ids, band)  # fp32 on an AVX-512 CPU: one native kernel
     impl = resolve_impl(impl, band, q.shape[1], block=block)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)

@@ -32,20 +32,18 @@ def available() -> bool:
     return "avx512f" in cpu_dots.cpu_flags() and native_build.register("fused_ce", ((TARGET, "FusedCe"),))
 
 
-def _one_device() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.device_count() == 1 if mesh.empty else mesh.size == 1
-
-
 def usable(x, embedding, bias) -> bool:
     """Whether `cross_entropy` applies to these operands here (decided at trace time)."""
     return (all(a.dtype == jnp.float32 for a in (x, embedding, bias)) and x.ndim == 2 and x.shape[1] % 64 == 0
-            and x.shape[0] > 0 and _one_device() and native_build.enabled() and available())
+            and x.shape[0] > 0 and native_build.one_device() and native_build.enabled() and available())
 
 
 def cross_entropy(x, embedding, bias, labels, weights):
     """(ce [N], correct [N], dx [N, H], d_embedding [V, H], d_bias [V]): per-row CE and [label is a max], and the
     gradients of sum_r weights_r ce_r, for features x [N, H], embedding [V, H], bias [V], labels [N], weights [N]."""
+    if not available():
+        raise RuntimeError("the native fused CE is not available here (needs an AVX-512 CPU and g++; see the "
+                           "logged warning); check fused_ce.usable() first")
     n, h = x.shape
     v = embedding.shape[0]
     pad = (-n) % ROWS

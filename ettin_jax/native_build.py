@@ -31,6 +31,13 @@ def enabled() -> bool:
     return os.environ.get("ETTIN_JAX_NATIVE", "1") != "0" and jax.default_backend() == "cpu"
 
 
+def one_device() -> bool:
+    """One device here: the mesh set by `jax.set_mesh` has one, or there is no mesh and the process has one. (A
+    custom call is not partitioned: under a mesh of several devices each would compute the whole problem.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() == 1 if mesh.empty else mesh.size == 1
+
+
 def _cpu_key() -> str:
     return platform.machine() + " ".join(sorted(cpu_dots.cpu_flags()))
 

@@ -76,7 +76,8 @@ def test_correct_counts_a_label_that_reaches_the_max(one_device, monkeypatch):
 @needs_kernel
 def test_out_of_range_labels_and_non_finite_features_behave_as_the_xla_path(one_device, monkeypatch):
     """A label past the vocabulary reads the last logit and adds no one-hot term (as XLA's clamped gather and
-    dropped scatter do); a NaN in a row's features or in the bias makes the loss and the same gradients NaN in both paths."""
+    dropped scatter do); a NaN in a row's features or in the bias makes the loss and the same gradients NaN in both
+    paths."""
     x, emb, bias, labels, weights = _inputs(40, seed=2)
     labels = labels.at[7].set(V + 3)
     got = _grads(x, emb, bias, labels, weights, True, monkeypatch)
@@ -121,18 +122,19 @@ def test_an_fp32_train_step_on_one_device_uses_the_kernel_and_nothing_else_does(
 
 
 @pytest.mark.slow
-def test_training_runs_without_the_kernel(tmp_path):
-    """No compiler, or ETTIN_JAX_NATIVE=0: the kernel is unavailable and an fp32 train step on one device takes
-    the XLA path (on any CPU, with or without AVX-512)."""
-    code = ("import jax, jax.numpy as jnp; from ettin_jax import fused_ce, model, objectives, sizes;"
-            "print('available', fused_ce.available());"
+def test_training_runs_without_the_kernels(tmp_path):
+    """No compiler, or ETTIN_JAX_NATIVE=0: the native CE and attention are unavailable and an fp32 train step on
+    one device takes the XLA paths (on any CPU, with or without AVX-512)."""
+    code = ("import jax, jax.numpy as jnp; from ettin_jax import cpu_attention, fused_ce, model, objectives, sizes;"
+            "print('available', fused_ce.available() or cpu_attention.available());"
             "cfg = sizes.model_config('17m').replace(num_layers=1, vocab_size=300, hidden_size=64, "
             "intermediate_size=96, num_heads=2);"
             "p = model.init_params(cfg, jax.random.key(0)); t = jnp.arange(64).reshape(1, 64) % 290 + 5;"
             "b = dict(tokens=t, segment_ids=jnp.ones_like(t), positions=jnp.arange(64)[None]);"
             "f = jax.jit(jax.value_and_grad(lambda p: objectives.loss_fn(p, b, model=model.Ettin(cfg), "
             "objective=objectives.get_objective('clm'))[0]));"
-            "print('custom call', fused_ce.TARGET in f.lower(p).as_text()); print('loss', float(f(p)[0]))")
+            "hlo = f.lower(p).as_text(); print('custom call', fused_ce.TARGET in hlo or cpu_attention.FORWARD in hlo);"
+            "print('loss', float(f(p)[0]))")
 
     def run_with(tmp, **env):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -35,6 +35,7 @@
 #include <memory>
 
 #include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ettin_ce {
@@ -42,6 +43,7 @@ namespace ettin_ce {
 constexpr int64_t kRowBlock = 128;   // rows per block: a multiple of 32
 constexpr int64_t kVChunk = 576;     // vocabulary rows per task: a multiple of 12 and of 6
 constexpr int kPanel = 32;           // rows per packed x^T panel (two vectors)
+constexpr int64_t kGroups = 8;       // pass 2's tasks: runs of chunks, each with its own dx partial sum
 
 struct Problem {
   int64_t n, h, v;
@@ -50,22 +52,7 @@ struct Problem {
   float *ce, *correct, *dx, *demb, *dbias;
 };
 
-// exp(x) for x <= 0 (the softmax's exponent after subtracting the max), ~1 ulp; NaN stays NaN.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // max_ps returns its second operand when either is NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using ettin::Exp;
 
 // S[v + i][p*32 .. p*32 + 32) = E[v + i] . xT panel p + b[v + i], i < MR, for every panel; running max in mx.
 template <int MR>
@@ -163,14 +150,13 @@ inline Floats Alloc(int64_t count) {
 
 // Runs the whole problem on the calling thread and XLA's intra-op pool.
 inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
-  const int workers = ettin::Workers(pool);
   const int64_t n = pb.n, h = pb.h, nv = pb.v;
-  const int64_t chunks = (nv + kVChunk - 1) / kVChunk;
+  const int64_t chunks = (nv + kVChunk - 1) / kVChunk, groups = std::min(kGroups, chunks);
   std::memset(pb.demb, 0, sizeof(float) * nv * h);
   std::memset(pb.dbias, 0, sizeof(float) * nv);
   const int64_t rb_max = std::min(n, kRowBlock);
   Floats s = Alloc(nv * rb_max), xt = Alloc(h * rb_max), cmax = Alloc(chunks * rb_max),
-         csum = Alloc(chunks * rb_max), coef = Alloc(chunks * rb_max), dxp = Alloc(int64_t(workers) * rb_max * h);
+         csum = Alloc(chunks * rb_max), coef = Alloc(chunks * rb_max), dxp = Alloc(groups * rb_max * h);
 
   for (int64_t r0 = 0; r0 < n; r0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, n - r0);
@@ -222,9 +208,10 @@ inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
     }
 
     // Pass 2, per vocabulary chunk: D = coef * e - w onehot(y) in place, then db, dE (rows owned by the chunk)
-    // and dx (into the worker's own partial sum).
-    std::memset(dxp.get(), 0, sizeof(float) * workers * rows * h);
-    ettin::ParallelFor(pool, chunks, [&](int64_t c, int worker) {
+    // and dx (into its group's partial sum: kGroups fixed runs of chunks, added in a fixed order, so dx is the
+    // same whichever threads run them).
+    std::memset(dxp.get(), 0, sizeof(float) * groups * rows * h);
+    auto chunk = [&](int64_t c, float* part) {
       const int64_t v0 = c * kVChunk, v1 = std::min(nv, v0 + kVChunk);
       const float* cf = coef.get() + c * rows;
       for (int64_t u = v0; u < v1; ++u) {
@@ -251,7 +238,6 @@ inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
         for (; v < v1; ++v) EmbGradTile<1>(pb, v, j, s.get() + v * rows, x, rows);
       }
       // dx: 32 columns of the partial sum (16 KB) and 32 rows of E's slice stay in L1.
-      float* part = dxp.get() + int64_t(worker) * rows * h;
       for (int64_t j = 0; j < h; j += 32)
         for (int64_t vb = v0; vb < v1; vb += 32) {
           const int64_t vn = std::min<int64_t>(32, v1 - vb);
@@ -260,11 +246,14 @@ inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
           for (; r + 12 <= rows; r += 12) FeatGradTile<12>(pb, vb, vn, j, d, rows, r, part);
           for (; r < rows; r += 4) FeatGradTile<4>(pb, vb, vn, j, d, rows, r, part);
         }
+    };
+    ettin::ParallelFor(pool, groups, [&](int64_t g, int) {
+      for (int64_t c = g * chunks / groups; c < (g + 1) * chunks / groups; ++c) chunk(c, dxp.get() + g * rows * h);
     });
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < h; ++k) {
         float acc = 0.f;
-        for (int wk = 0; wk < workers; ++wk) acc += dxp[(int64_t(wk) * rows + r) * h + k];
+        for (int64_t g = 0; g < groups; ++g) acc += dxp[(g * rows + r) * h + k];
         pb.dx[(r0 + r) * h + k] = acc;
       }
   }

@@ -1,0 +1,322 @@
+// Masked softmax attention for fp32 training on CPU, forward and backward (flash-attention style): XLA FFI
+// handlers used by attention.self_attention on one device of an AVX-512 CPU (ettin_jax/cpu_attention.py says when).
+//
+// q, k, v [B, T, H, D] (the projection's layout, no heads-major copies), segment ids [B, T] and a band (back,
+// ahead; -1 for unbounded): query i sees key j iff seg_i == seg_j, i - j <= back and j - i <= ahead (as
+// attention.visible). Each (batch, head) is one task on the calling thread and XLA's intra-op pool; its rows are
+// packed contiguous first ([T, D], and K^T, V^T as [D, T]) so that every product below is one register-tiled
+// kernel over 64 x 64 blocks that stay in L1/L2:
+//   forward, per query block and each key block its band reaches: S = Q K^T, the online softmax on S in place
+//     (row max, rescale, exp, row sum), O += P V; then O / l and lse = m + log l per row.
+//   backward, per key block and each query block that reaches it: S = Q K^T, P = exp(S * scale - lse),
+//     dP = dO V^T, dS = P (dP - delta) (delta = rowsum(dO * O)), dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ for
+//     the whole row kept by the task: no two tasks write the same gradient).
+// Requirements (checked): T a multiple of 64, D a multiple of 32. A query that sees no key (never one of a
+// self-attention, which sees itself) gets O = 0 and no gradient.
+#if !defined(__AVX512F__)
+#error "attention.cc needs AVX-512 (ettin_jax/cpu_attention.py checks the CPU before building it)"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "pool.h"
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ettin_attn {
+
+constexpr int64_t kBlock = 64;  // query and key rows per block
+
+struct Problem {
+  int64_t b, t, h, d, back, ahead;  // back / ahead < 0: unbounded
+  float scale;
+  const int32_t* seg;
+  int64_t Row() const { return h * d; }                          // stride between tokens in [B, T, H, D]
+  int64_t Base(int64_t bh) const { return (bh / h) * t * h * d + (bh % h) * d; }  // (batch, head) -> offset
+};
+
+// C[MR x 32] (=, or += with acc) sum_k A[i * ars + k * aks] B[k * ldb + 0 .. 32).
+template <int MR>
+inline void Tile(int64_t kdim, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, bool acc) {
+  __m512 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = acc ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+    c1[i] = acc ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < kdim; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb), b1 = _mm512_loadu_ps(b + k * ldb + 16);
+    const float* ak = a + k * aks;
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_set1_ps(ak[i * ars]);
+      c0[i] = _mm512_fmadd_ps(x, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(x, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(c + i * ldc, c0[i]);
+    _mm512_storeu_ps(c + i * ldc + 16, c1[i]);
+  }
+}
+
+// C[m x n] (=, or +=) A B with A's element (i, k) at a[i * ars + k * aks]; m a multiple of 8, n of 32.
+inline void Gemm(int64_t m, int64_t n, int64_t kdim, const float* a, int64_t ars, int64_t aks, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, bool acc) {
+  for (int64_t j = 0; j < n; j += 32)
+    for (int64_t i = 0; i < m; i += 8) Tile<8>(kdim, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, acc);
+}
+
+// Which of keys k0 .. k0 + 16 query qi sees.
+inline __mmask16 Visible(const Problem& pb, const int32_t* seg, int64_t qi, int64_t k0) {
+  const __m512i ks = _mm512_loadu_si512(seg + k0);
+  __mmask16 ok = _mm512_cmpeq_epi32_mask(ks, _mm512_set1_epi32(seg[qi]));
+  const __m512i kidx = _mm512_add_epi32(_mm512_set1_epi32(int32_t(k0)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  if (pb.back >= 0)  // qi - k <= back  <=>  k >= qi - back
+    ok &= _mm512_cmpge_epi32_mask(kidx, _mm512_set1_epi32(int32_t(qi - pb.back)));
+  if (pb.ahead >= 0)  // k - qi <= ahead
+    ok &= _mm512_cmple_epi32_mask(kidx, _mm512_set1_epi32(int32_t(qi + pb.ahead)));
+  return ok;
+}
+
+// The key blocks query block qb reaches, [first, last].
+inline void KeyBlocks(const Problem& pb, int64_t qb, int64_t* first, int64_t* last) {
+  const int64_t nb = pb.t / kBlock, q0 = qb * kBlock, q1 = q0 + kBlock - 1;
+  *first = pb.back < 0 ? 0 : std::max<int64_t>(0, (q0 - pb.back) / kBlock);
+  *last = pb.ahead < 0 ? nb - 1 : std::min<int64_t>(nb - 1, (q1 + pb.ahead) / kBlock);
+}
+
+// The query blocks that reach key block kb, [first, last].
+inline void QueryBlocks(const Problem& pb, int64_t kb, int64_t* first, int64_t* last) {
+  const int64_t nb = pb.t / kBlock, k0 = kb * kBlock, k1 = k0 + kBlock - 1;
+  *first = pb.ahead < 0 ? 0 : std::max<int64_t>(0, (k0 - pb.ahead) / kBlock);
+  *last = pb.back < 0 ? nb - 1 : std::min<int64_t>(nb - 1, (k1 + pb.back) / kBlock);
+}
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using Floats = std::unique_ptr<float[], AlignedFree>;
+inline Floats Alloc(int64_t count) {
+  const size_t bytes = ((size_t(count) * sizeof(float) + 63) / 64) * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  if (p == nullptr) throw std::bad_alloc();
+  return Floats(p);
+}
+
+// rows [T, D] of one (batch, head) of x [B, T, H, D], packed contiguous; transposed: [D, T].
+inline void Pack(const Problem& pb, const float* x, float* out) {
+  for (int64_t i = 0; i < pb.t; ++i) std::memcpy(out + i * pb.d, x + i * pb.Row(), sizeof(float) * pb.d);
+}
+inline void PackT(const Problem& pb, const float* x, float* out) {
+  for (int64_t i = 0; i < pb.t; ++i)
+    for (int64_t j = 0; j < pb.d; ++j) out[j * pb.t + i] = x[i * pb.Row() + j];
+}
+
+void Forward(const Problem& pb, int64_t bh, const float* q, const float* k, const float* v, float* o, float* lse) {
+  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh);
+  const int32_t* seg = pb.seg + (bh / pb.h) * t;
+  Floats qp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), s = Alloc(kBlock * kBlock),
+         acc = Alloc(kBlock * d), m = Alloc(kBlock), l = Alloc(kBlock);
+  Pack(pb, q + base, qp.get()), PackT(pb, k + base, kt.get()), Pack(pb, v + base, vp.get());
+  const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t qb = 0; qb < t / kBlock; ++qb) {
+    const int64_t q0 = qb * kBlock;
+    std::fill(acc.get(), acc.get() + kBlock * d, 0.f);
+    std::fill(m.get(), m.get() + kBlock, -INFINITY);
+    std::fill(l.get(), l.get() + kBlock, 0.f);
+    int64_t first, last;
+    KeyBlocks(pb, qb, &first, &last);
+    for (int64_t kb = first; kb <= last; ++kb) {
+      const int64_t k0 = kb * kBlock;
+      Gemm(kBlock, kBlock, d, qp.get() + q0 * d, d, 1, kt.get() + k0, t, s.get(), kBlock, false);
+      for (int64_t i = 0; i < kBlock; ++i) {
+        float* row = s.get() + i * kBlock;
+        __mmask16 ok[kBlock / 16];
+        __m512 mx = neg_inf;
+        for (int c = 0; c < kBlock / 16; ++c) {
+          ok[c] = Visible(pb, seg, q0 + i, k0 + 16 * c);
+          const __m512 x = _mm512_mask_mul_ps(neg_inf, ok[c], _mm512_loadu_ps(row + 16 * c), scale);
+          _mm512_storeu_ps(row + 16 * c, x);
+          mx = _mm512_max_ps(mx, x);
+        }
+        const float bm = _mm512_reduce_max_ps(mx);
+        const float mnew = bm > m[i] || std::isnan(bm) ? bm : m[i];  // a NaN score makes the row NaN
+        if (mnew == -INFINITY) {  // nothing visible yet in this row: P = 0
+          std::fill(row, row + kBlock, 0.f);
+          continue;
+        }
+        const __m512 mv = _mm512_set1_ps(mnew);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < kBlock / 16; ++c) {
+          const __m512 p = _mm512_maskz_mov_ps(ok[c], ettin::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + 16 * c), mv)));
+          _mm512_storeu_ps(row + 16 * c, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        const float alpha = std::exp(m[i] - mnew);  // 0 for the row's first visible block
+        l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
+        m[i] = mnew;
+        if (alpha != 1.f) {
+          const __m512 a = _mm512_set1_ps(alpha);
+          for (int64_t j = 0; j < d; j += 16)
+            _mm512_storeu_ps(acc.get() + i * d + j, _mm512_mul_ps(a, _mm512_loadu_ps(acc.get() + i * d + j)));
+        }
+      }
+      Gemm(kBlock, d, kBlock, s.get(), kBlock, 1, vp.get() + k0 * d, d, acc.get(), d, true);
+    }
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+      float* out = o + base + (q0 + i) * pb.Row();
+      for (int64_t j = 0; j < d; ++j) out[j] = acc[i * d + j] * inv;
+      lse[bh * t + q0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : INFINITY;
+    }
+  }
+}
+
+void Backward(const Problem& pb, int64_t bh, const float* q, const float* k, const float* v, const float* o,
+              const float* lse, const float* dout, float* dq, float* dk, float* dv) {
+  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh);
+  const int32_t* seg = pb.seg + (bh / pb.h) * t;
+  const float* lrow = lse + bh * t;
+  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vt = Alloc(d * t), dop = Alloc(t * d),
+         delta = Alloc(t), dqa = Alloc(t * d), p = Alloc(kBlock * kBlock), ds = Alloc(kBlock * kBlock),
+         dka = Alloc(kBlock * d), dva = Alloc(kBlock * d);
+  Pack(pb, q + base, qp.get()), Pack(pb, k + base, kp.get()), PackT(pb, k + base, kt.get());
+  PackT(pb, v + base, vt.get()), Pack(pb, dout + base, dop.get());
+  for (int64_t i = 0; i < t; ++i) {
+    const float* oi = o + base + i * pb.Row();
+    float acc = 0.f;
+    for (int64_t j = 0; j < d; ++j) acc += oi[j] * dop[i * d + j];
+    delta[i] = acc;
+  }
+  std::fill(dqa.get(), dqa.get() + t * d, 0.f);
+  const __m512 scale = _mm512_set1_ps(pb.scale);
+  for (int64_t kb = 0; kb < t / kBlock; ++kb) {
+    const int64_t k0 = kb * kBlock;
+    std::fill(dka.get(), dka.get() + kBlock * d, 0.f);
+    std::fill(dva.get(), dva.get() + kBlock * d, 0.f);
+    int64_t first, last;
+    QueryBlocks(pb, kb, &first, &last);
+    for (int64_t qb = first; qb <= last; ++qb) {
+      const int64_t q0 = qb * kBlock;
+      Gemm(kBlock, kBlock, d, qp.get() + q0 * d, d, 1, kt.get() + k0, t, p.get(), kBlock, false);    // S
+      Gemm(kBlock, kBlock, d, dop.get() + q0 * d, d, 1, vt.get() + k0, t, ds.get(), kBlock, false);  // dP
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const __m512 lv = _mm512_set1_ps(lrow[q0 + i]), dl = _mm512_set1_ps(delta[q0 + i]);
+        for (int c = 0; c < kBlock / 16; ++c) {
+          float* pr = p.get() + i * kBlock + 16 * c;
+          float* dr = ds.get() + i * kBlock + 16 * c;
+          const __mmask16 ok = Visible(pb, seg, q0 + i, k0 + 16 * c);
+          const __m512 pv = _mm512_maskz_mov_ps(
+              ok, ettin::Exp(_mm512_fmsub_ps(_mm512_loadu_ps(pr), scale, lv)));
+          _mm512_storeu_ps(pr, pv);
+          _mm512_storeu_ps(dr, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dr), dl)), scale));
+        }
+      }
+      Gemm(kBlock, d, kBlock, p.get(), 1, kBlock, dop.get() + q0 * d, d, dva.get(), d, true);   // dV += P^T dO
+      Gemm(kBlock, d, kBlock, ds.get(), 1, kBlock, qp.get() + q0 * d, d, dka.get(), d, true);   // dK += dS^T Q
+      Gemm(kBlock, d, kBlock, ds.get(), kBlock, 1, kp.get() + k0 * d, d, dqa.get() + q0 * d, d, true);  // dQ
+    }
+    for (int64_t i = 0; i < kBlock; ++i) {
+      std::memcpy(dk + base + (k0 + i) * pb.Row(), dka.get() + i * d, sizeof(float) * d);
+      std::memcpy(dv + base + (k0 + i) * pb.Row(), dva.get() + i * d, sizeof(float) * d);
+    }
+  }
+  for (int64_t i = 0; i < t; ++i) std::memcpy(dq + base + i * pb.Row(), dqa.get() + i * d, sizeof(float) * d);
+}
+
+}  // namespace ettin_attn
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// The problem of q [B, T, H, D] and seg [B, T], or an error.
+ffi::ErrorOr<ettin_attn::Problem> Describe(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                                          const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg,
+                                          int64_t back, int64_t ahead) {
+  const auto dims = q.dimensions();
+  if (dims.size() != 4 || k.element_count() != q.element_count() || v.element_count() != q.element_count())
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: q, k, v must be [B, T, H, D] of one shape"));
+  ettin_attn::Problem pb{dims[0], dims[1], dims[2], dims[3], back, ahead,
+                         float(1.0 / std::sqrt(double(dims[3]))), seg.typed_data()};
+  if (seg.element_count() != size_t(pb.b * pb.t))
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: segment ids must be [B, T]"));
+  if (pb.t % ettin_attn::kBlock != 0 || pb.d % 32 != 0 || pb.t == 0)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: T must be a positive multiple of 64 and D of 32"));
+  if (pb.t > (int64_t(1) << 30))
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: rows too long for 32-bit key indices"));
+  return pb;
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int64_t back, int64_t ahead,
+                       ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  auto pb = Describe(q, k, v, seg, back, ahead);
+  if (pb.has_error()) return pb.error();
+  try {
+    ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
+      ettin_attn::Forward(*pb, bh, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
+                          lse->typed_data());
+    });
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t back, int64_t ahead,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  auto pb = Describe(q, k, v, seg, back, ahead);
+  if (pb.has_error()) return pb.error();
+  try {
+    ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
+      ettin_attn::Backward(*pb, bh, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
+                           lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
+                           dv->typed_data());
+    });
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids [B, T]
+                                  .Attr<int64_t>("back")          // -1: unbounded
+                                  .Attr<int64_t>("ahead")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // o [B, T, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [B, H, T]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // do
+                                  .Attr<int64_t>("back")
+                                  .Attr<int64_t>("ahead")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
