@@ -13,7 +13,10 @@ so exported models behave identically there; Ettin's training code saw 65 keys (
 
 Implementations (all computing the same function, tested against `reference_attention`):
   * `reference_attention`: dense [T, S] scores; the ground truth, also used for KV-cache decoding.
-  * `tiled_core` / `tiled_attention`: the CPU path of every layer. Heads-major rows a cache-sized tile at a time
+  * `cpu_attention.attention`: RoPE and flash attention in one native kernel (forward and backward) from the Wqkv
+    output, the CPU path of every layer where it applies: fp32, T a multiple of 64, one device, an AVX-512 CPU
+    (called by the model's attention for impl 'auto').
+  * `tiled_core` / `tiled_attention`: the XLA CPU path of every other layer. Heads-major rows a cache-sized tile at a time
     (the scores, mask and softmax of a tile stay in L2), with a flash-attention style custom VJP that recomputes
     each tile's scores from the saved row max and sum: ~2x the dense path's speed on XLA:CPU and O(T) memory.
   * `blocked_attention`: sliding-window layers in O(T * w): queries in blocks of `block` against their own and
@@ -33,8 +36,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-
-from ettin_jax import cpu_attention
 
 Band = tuple[Optional[int], Optional[int]]
 
@@ -664,8 +665,6 @@ def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", bloc
     'chunked' (the tiled core; causal bands in query chunks against the keys they reach), 'cudnn' (GPU), 'splash'
     (TPU).
     """
-    if impl == "auto" and jax.default_backend() == "cpu" and cpu_attention.usable(q, k, v):
-        return cpu_attention.attention(q, k, v, segment_ids, band)  # fp32 on an AVX-512 CPU: one native kernel
     impl = resolve_impl(impl, band, q.shape[1], block=block)
     if impl == "blocked":
         return blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)

@@ -1,14 +1,16 @@
-"""Masked softmax attention for fp32 training on CPU in one native kernel, forward and backward.
+"""Masked softmax attention with RoPE for fp32 training on CPU in one native kernel, forward and backward.
 
 On XLA:CPU the tiled attention (`attention.tiled_core`, `blocked_attention`) runs each tile's products as separate
 GEMMs with the softmax's passes (mask, max, exp, sum, rescale; in the backward pass the recomputed probabilities,
-dS and the key gradients' accumulation) between them, on heads-major copies of q, k, v and of their gradients.
-`native/attention.cc` (XLA FFI handlers) does flash attention per (batch, head) on the [B, T, H, D] layout itself:
-64 x 64 blocks, the online softmax on the block in cache, only the blocks the band reaches (docs/perf.md item 16).
+dS and the key gradients' accumulation) between them, on heads-major copies of q, k, v and of their gradients, after
+the q/k/v split and RoPE (and their transposes in the backward pass) as further passes. `native/attention.cc` (XLA
+FFI handlers) does it all per (batch, head) from the Wqkv projection's output itself: RoPE while packing the rows,
+flash attention over 64 x 64 blocks with the online softmax on the block in cache and only the blocks the band
+reaches, and the gradient written as d(qkv) (docs/perf.md item 16).
 
-Used by `attention.self_attention` (impl 'auto') for fp32 q, k, v with T a multiple of 64 and D of 32, on one
-device (a custom call is not partitioned), on an AVX-512 CPU, where the handler built (`native_build`;
-ETTIN_JAX_NATIVE=0 turns it off). Everything else takes the XLA paths.
+Used by the model's attention (impl 'auto') for fp32 with T a multiple of 64 and head_dim of 32, on one device (a
+custom call is not partitioned), on an AVX-512 CPU, where the handler built (`native_build`; ETTIN_JAX_NATIVE=0
+turns it off). Everything else takes the XLA paths.
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ def available() -> bool:
         "attention", ((FORWARD, "AttentionForward"), (BACKWARD, "AttentionBackward")))
 
 
-def usable(q, k, v) -> bool:
-    """Whether `attention` applies to these operands here (decided at trace time)."""
-    return (all(a.dtype == jnp.float32 for a in (q, k, v)) and q.ndim == 4 and q.shape == k.shape == v.shape
-            and q.shape[1] % 64 == 0 and q.shape[1] > 0 and q.shape[3] % 32 == 0 and native_build.one_device()
-            and native_build.enabled() and available())
+def usable(qkv) -> bool:
+    """Whether `attention` applies to qkv [B, T, 3, H, D] here (decided at trace time)."""
+    return (qkv.dtype == jnp.float32 and qkv.ndim == 5 and qkv.shape[2] == 3 and qkv.shape[1] % 64 == 0
+            and qkv.shape[1] > 0 and qkv.shape[4] % 32 == 0 and native_build.one_device() and native_build.enabled()
+            and available())
 
 
 def _attrs(band):
@@ -43,29 +45,29 @@ def _attrs(band):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attention(q, k, v, segment_ids, band):
-    """Self-attention of q, k, v [B, T, H, D] (fp32) within segments and the (back, ahead) band, as
-    `attention.reference_attention` with q_seg = k_seg = segment_ids [B, T]."""
-    return _forward(q, k, v, segment_ids, band)[0]
+def attention(qkv, cos, sin, segment_ids, band):
+    """Self-attention of qkv [B, T, 3, H, D] (fp32; q and k rotated by the RoPE tables cos, sin [B, T, D] as
+    `model.apply_rope` does) within segments [B, T] and the (back, ahead) band: `attention.reference_attention`'s
+    function of the rotated q, k and v. Returns [B, T, H, D]."""
+    return _forward(qkv, cos, sin, segment_ids, band)[0]
 
 
-def _forward(q, k, v, segment_ids, band):
+def _forward(qkv, cos, sin, segment_ids, band):
     if not available():
         raise RuntimeError("the native attention is not available here (needs an AVX-512 CPU and g++; see the "
                            "logged warning); check cpu_attention.usable() first")
-    b, t, h, _ = q.shape
-    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
-    seg = segment_ids.astype(jnp.int32)
-    o, lse = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(q, k, v, seg, **_attrs(band))
-    return o, (q, k, v, seg, o, lse)
+    b, t, _, h, d = qkv.shape
+    out = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+    seg, cos, sin = segment_ids.astype(jnp.int32), cos.astype(jnp.float32), sin.astype(jnp.float32)
+    o, lse = jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(qkv, cos, sin, seg, **_attrs(band))
+    return o, (qkv, cos, sin, seg, o, lse)
 
 
 def _backward(band, res, do):
-    q, k, v, seg, o, lse = res
-    out = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))
-    dq, dk, dv = jax.ffi.ffi_call(BACKWARD, out, vmap_method="sequential")(
-        q, k, v, seg, o, lse, do.astype(jnp.float32), **_attrs(band))
-    return dq, dk, dv, None
+    qkv, cos, sin, seg, o, lse = res
+    dqkv = jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32), vmap_method="sequential")(
+        qkv, cos, sin, seg, o, lse, do.astype(jnp.float32), **_attrs(band))
+    return dqkv, None, None, None
 
 
 attention.defvjp(_forward, _backward)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import cpu_dots
+from ettin_jax import cpu_attention, cpu_dots
 
 Array = jax.Array
 
@@ -55,7 +55,7 @@ class ModelConfig:
     attention_dropout: float = 0.0  # dropout after attention's Wo (Ettin pretraining: 0.1)
     dtype: str = "float32"  # compute dtype; parameters stay float32
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | blocked | cudnn (see attention.self_attention)
+    attention_impl: str = "auto"  # auto | xla | blocked | chunked | cudnn | splash (attention.self_attention)
     attention_block: int = 64
     remat: str = "none"  # none | full | dots (jax.checkpoint policy per block)
     pad_token_id: int = 50283
@@ -291,16 +291,21 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         qkv = Dense(3 * cfg.hidden_size, cfg.init_std, ("embed", "qkv"), dtype, name="Wqkv")(x)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
-        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_heads", None))
-        if cache is None:
-            o = attn_lib.self_attention(q, k, v, segment_ids=segment_ids, band=band,
-                                        impl=cfg.attention_impl, block=cfg.attention_block)
-            new_cache = None
-        else:  # incremental decoding: write this step's keys/values into the cache, attend over it
-            o, new_cache = _cached_attention(q, k, v, segment_ids, cache, band, dtype)
+        qkv = qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
+        if cache is None and cfg.attention_impl == "auto" and cpu_attention.usable(qkv):
+            # fp32 on one device of an AVX-512 CPU: RoPE and attention in one native kernel, from qkv itself
+            o, new_cache = cpu_attention.attention(qkv, cos, sin, segment_ids, band), None
+        else:
+            q, k, v = jnp.split(qkv, 3, axis=2)
+            q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+            q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+            k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_heads", None))
+            if cache is None:
+                o = attn_lib.self_attention(q, k, v, segment_ids=segment_ids, band=band,
+                                            impl=cfg.attention_impl, block=cfg.attention_block)
+                new_cache = None
+            else:  # incremental decoding: write this step's keys/values into the cache, attend over it
+                o, new_cache = _cached_attention(q, k, v, segment_ids, cache, band, dtype)
         o = Dense(cfg.hidden_size, out_std, ("heads", "embed"), dtype, name="Wo")(o.reshape(b, t, -1))
         o = nn.Dropout(cfg.attention_dropout)(o, deterministic=deterministic)
         return o, new_cache

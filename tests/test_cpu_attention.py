@@ -11,22 +11,30 @@ B, T, H, D = 2, 192, 2, 64
 
 
 def _inputs(seed=0, d=D):
-    k = jax.random.split(jax.random.key(seed), 4)
-    q, kk, v, do = (jax.random.normal(k[i], (B, T, H, d)) for i in range(4))
+    k = jax.random.split(jax.random.key(seed), 2)
+    qkv = jax.random.normal(k[0], (B, T, 3, H, d))
+    do = jax.random.normal(k[1], (B, T, H, d))
     # packed rows: two documents and padding in row 0, one document and padding in row 1
     seg = jnp.stack([jnp.where(jnp.arange(T) < 70, 1, jnp.where(jnp.arange(T) < 170, 2, 0)),
                      jnp.where(jnp.arange(T) < 150, 1, 0)]).astype(jnp.int32)
-    return q, kk, v, do, seg
+    positions = jnp.stack([jnp.where(jnp.arange(T) < 70, jnp.arange(T), jnp.arange(T) - 70), jnp.arange(T)])
+    cos, sin = model.rope_tables(positions, d, 10_000.0)
+    return qkv, cos, sin, do, seg
 
 
-def _both(q, k, v, do, seg, band):
-    """(output, gradients) of the native kernel and of reference_attention."""
-    native = jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, seg, band))
-    ref = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=band)
+def _both(qkv, cos, sin, do, seg, band):
+    """(output, d qkv) of the native kernel and of reference_attention after model.apply_rope."""
+    native = jax.jit(lambda qkv: cpu_attention.attention(qkv, cos, sin, seg, band))
+
+    def ref(qkv):
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        q, k = model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin)
+        return attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=band)
+
     out = []
     for f in (native, ref):
-        o, vjp = jax.vjp(f, q, k, v)
-        out.append((o, vjp(do)))
+        o, vjp = jax.vjp(f, qkv)
+        out.append((o, vjp(do)[0]))
     return out
 
 
@@ -35,29 +43,31 @@ def _both(q, k, v, do, seg, band):
                          ids=["global", "causal", "local", "causal-local", "narrow", "lopsided"])
 @pytest.mark.parametrize("d", [64, 32])
 def test_equals_the_reference_with_gradients(band, d):
-    q, k, v, do, seg = _inputs(d=d)
-    (o, grads), (ref_o, ref_grads) = _both(q, k, v, do, seg, band)
+    qkv, cos, sin, do, seg = _inputs(d=d)
+    (o, grad), (ref_o, ref_grad) = _both(qkv, cos, sin, do, seg, band)
     np.testing.assert_allclose(o, ref_o, atol=2e-6, rtol=0)
-    for name, a, b in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.max(jnp.abs(b))), rtol=0, err_msg=f"d{name}")
+    for i, name in enumerate("qkv"):
+        scale = float(jnp.max(jnp.abs(ref_grad[:, :, i])))
+        np.testing.assert_allclose(grad[:, :, i], ref_grad[:, :, i], atol=2e-6 * scale, rtol=0, err_msg=f"d{name}")
 
 
 @needs_kernel
 def test_a_nan_stays_in_the_rows_that_see_it():
     """A NaN in one query's features: that query's output is NaN and nothing else's (as the reference); a NaN in
     one key: the outputs of the queries that see it are NaN."""
-    q, k, v, do, seg = _inputs(seed=1)
-    for args in ((q.at[0, 10, 1, 3].set(jnp.nan), k, v), (q, k.at[1, 100, 0, 3].set(jnp.nan), v)):
-        (o, _), (ref_o, _) = _both(*args, do, seg, (64, 64))
+    qkv, cos, sin, do, seg = _inputs(seed=1)
+    for bad in (qkv.at[0, 10, 0, 1, 3].set(jnp.nan), qkv.at[1, 100, 1, 0, 3].set(jnp.nan)):
+        (o, _), (ref_o, _) = _both(bad, cos, sin, do, seg, (64, 64))
         np.testing.assert_array_equal(np.isnan(o), np.isnan(ref_o))
         assert np.isnan(o).any()
 
 
 @needs_kernel
 def test_bad_shapes_get_a_clear_error():
-    q, k, v, do, seg = _inputs()
+    qkv, cos, sin, _, seg = _inputs()
     with pytest.raises(Exception, match="multiple of 64"):
-        jax.block_until_ready(cpu_attention.attention(q[:, :100], k[:, :100], v[:, :100], seg[:, :100], (None, None)))
+        jax.block_until_ready(cpu_attention.attention(qkv[:, :100], cos[:, :100], sin[:, :100], seg[:, :100],
+                                                      (None, None)))
 
 
 def _loss_and_hlo(cfg, t, devices, *, native=True, monkeypatch=None):

@@ -1,16 +1,19 @@
-// Masked softmax attention for fp32 training on CPU, forward and backward (flash-attention style): XLA FFI
-// handlers used by attention.self_attention on one device of an AVX-512 CPU (ettin_jax/cpu_attention.py says when).
+// Masked softmax attention with RoPE for fp32 training on CPU, forward and backward (flash-attention style): XLA
+// FFI handlers used by the model's attention on one device of an AVX-512 CPU (ettin_jax/cpu_attention.py says
+// when).
 //
-// q, k, v [B, T, H, D] (the projection's layout, no heads-major copies), segment ids [B, T] and a band (back,
-// ahead; -1 for unbounded): query i sees key j iff seg_i == seg_j, i - j <= back and j - i <= ahead (as
-// attention.visible). Each (batch, head) is one task on the calling thread and XLA's intra-op pool; its rows are
-// packed contiguous first ([T, D], and K^T, V^T as [D, T]) so that every product below is one register-tiled
-// kernel over 64 x 64 blocks that stay in L1/L2:
+// qkv [B, T, 3, H, D] (the Wqkv projection's output as it is: no split, no heads-major copies), the rotate-half
+// RoPE tables cos, sin [B, T, D], segment ids [B, T] and a band (back, ahead; -1 for unbounded): q and k are
+// rotated as model.apply_rope does, and query i sees key j iff seg_i == seg_j, i - j <= back and j - i <= ahead
+// (as attention.visible). Each (batch, head) is one task on the calling thread and XLA's intra-op pool; its rows
+// are packed contiguous first ([T, D], rotated; K^T and V^T as [D, T]) so that every product below is one
+// register-tiled kernel over 64 x 64 blocks that stay in L1/L2:
 //   forward, per query block and each key block its band reaches: S = Q K^T, the online softmax on S in place
 //     (row max, rescale, exp, row sum), O += P V; then O / l and lse = m + log l per row.
 //   backward, per key block and each query block that reaches it: S = Q K^T, P = exp(S * scale - lse),
 //     dP = dO V^T, dS = P (dP - delta) (delta = rowsum(dO * O)), dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ for
-//     the whole row kept by the task: no two tasks write the same gradient).
+//     the whole row kept by the task: no two tasks write the same gradient); dQ and dK are rotated back (the
+//     transpose of RoPE) into dqkv [B, T, 3, H, D].
 // Requirements (checked): T a multiple of 64, D a multiple of 32. A query that sees no key (never one of a
 // self-attention, which sees itself) gets O = 0 and no gradient.
 #if !defined(__AVX512F__)
@@ -38,8 +41,12 @@ struct Problem {
   int64_t b, t, h, d, back, ahead;  // back / ahead < 0: unbounded
   float scale;
   const int32_t* seg;
-  int64_t Row() const { return h * d; }                          // stride between tokens in [B, T, H, D]
-  int64_t Base(int64_t bh) const { return (bh / h) * t * h * d + (bh % h) * d; }  // (batch, head) -> offset
+  const float *cos, *sin;  // [B, T, D]
+  int64_t QkvRow() const { return 3 * h * d; }  // stride between tokens in qkv [B, T, 3, H, D]
+  int64_t Row() const { return h * d; }         // ... and in o [B, T, H, D]
+  int64_t QkvBase(int64_t bh) const { return (bh / h) * t * 3 * h * d + (bh % h) * d; }  // q of (batch, head)
+  int64_t Base(int64_t bh) const { return (bh / h) * t * h * d + (bh % h) * d; }
+  const float* Table(const float* tab, int64_t bh) const { return tab + (bh / h) * t * d; }
 };
 
 // C[MR x 32] (=, or += with acc) sum_k A[i * ars + k * aks] B[k * ldb + 0 .. 32).
@@ -111,21 +118,48 @@ inline Floats Alloc(int64_t count) {
   return Floats(p);
 }
 
-// rows [T, D] of one (batch, head) of x [B, T, H, D], packed contiguous; transposed: [D, T].
-inline void Pack(const Problem& pb, const float* x, float* out) {
-  for (int64_t i = 0; i < pb.t; ++i) std::memcpy(out + i * pb.d, x + i * pb.Row(), sizeof(float) * pb.d);
-}
-inline void PackT(const Problem& pb, const float* x, float* out) {
-  for (int64_t i = 0; i < pb.t; ++i)
-    for (int64_t j = 0; j < pb.d; ++j) out[j * pb.t + i] = x[i * pb.Row() + j];
+// The [T, D] rows of one (batch, head) at x (token stride `row`), packed contiguous; optionally rotated by the
+// RoPE tables c, s [T, D] first (model.apply_rope: x cos + rotate_half(x) sin); optionally also transposed, [D, T].
+inline void Pack(const Problem& pb, const float* x, int64_t row, const float* c, const float* s, float* out,
+                 float* out_t) {
+  const int64_t t = pb.t, d = pb.d, half = d / 2;
+  for (int64_t i = 0; i < t; ++i) {
+    const float* xi = x + i * row;
+    float* oi = out + i * d;
+    if (c == nullptr) {
+      std::memcpy(oi, xi, sizeof(float) * d);
+    } else {
+      const float *ci = c + i * d, *si = s + i * d;
+      for (int64_t j = 0; j < half; ++j) oi[j] = xi[j] * ci[j] + (-xi[j + half]) * si[j];
+      for (int64_t j = half; j < d; ++j) oi[j] = xi[j] * ci[j] + xi[j - half] * si[j];
+    }
+  }
+  if (out_t != nullptr)
+    for (int64_t i = 0; i < t; ++i)
+      for (int64_t j = 0; j < d; ++j) out_t[j * t + i] = out[i * d + j];
 }
 
-void Forward(const Problem& pb, int64_t bh, const float* q, const float* k, const float* v, float* o, float* lse) {
-  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh);
+// g [T, D] (the gradient of rotated rows) rotated back, the transpose of RoPE, into x (token stride `row`).
+inline void Unrotate(const Problem& pb, const float* g, const float* c, const float* s, float* x, int64_t row) {
+  const int64_t d = pb.d, half = d / 2;
+  for (int64_t i = 0; i < pb.t; ++i) {
+    const float *gi = g + i * d, *ci = c + i * d, *si = s + i * d;
+    float* xi = x + i * row;
+    for (int64_t j = 0; j < half; ++j) xi[j] = gi[j] * ci[j] + gi[j + half] * si[j + half];
+    for (int64_t j = half; j < d; ++j) xi[j] = gi[j] * ci[j] - gi[j - half] * si[j - half];
+  }
+}
+
+void Forward(const Problem& pb, int64_t bh, const float* qkv, float* o, float* lse) {
+  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh), hd = pb.h * d;
+  const float* q = qkv + pb.QkvBase(bh);
+  const float *c = pb.Table(pb.cos, bh), *sn = pb.Table(pb.sin, bh);
   const int32_t* seg = pb.seg + (bh / pb.h) * t;
-  Floats qp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), s = Alloc(kBlock * kBlock),
+  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), s = Alloc(kBlock * kBlock),
          acc = Alloc(kBlock * d), m = Alloc(kBlock), l = Alloc(kBlock);
-  Pack(pb, q + base, qp.get()), PackT(pb, k + base, kt.get()), Pack(pb, v + base, vp.get());
+  Pack(pb, q, pb.QkvRow(), c, sn, qp.get(), nullptr);
+  Pack(pb, q + hd, pb.QkvRow(), c, sn, kp.get(), kt.get());
+  Pack(pb, q + 2 * hd, pb.QkvRow(), nullptr, nullptr, vp.get(), nullptr);
   const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(-INFINITY);
   for (int64_t qb = 0; qb < t / kBlock; ++qb) {
     const int64_t q0 = qb * kBlock;
@@ -180,16 +214,20 @@ void Forward(const Problem& pb, int64_t bh, const float* q, const float* k, cons
   }
 }
 
-void Backward(const Problem& pb, int64_t bh, const float* q, const float* k, const float* v, const float* o,
-              const float* lse, const float* dout, float* dq, float* dk, float* dv) {
-  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh);
+void Backward(const Problem& pb, int64_t bh, const float* qkv, const float* o, const float* lse, const float* dout,
+              float* dqkv) {
+  const int64_t t = pb.t, d = pb.d, base = pb.Base(bh), hd = pb.h * d;
+  const float* q = qkv + pb.QkvBase(bh);
+  const float *c = pb.Table(pb.cos, bh), *sn = pb.Table(pb.sin, bh);
   const int32_t* seg = pb.seg + (bh / pb.h) * t;
   const float* lrow = lse + bh * t;
-  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vt = Alloc(d * t), dop = Alloc(t * d),
-         delta = Alloc(t), dqa = Alloc(t * d), p = Alloc(kBlock * kBlock), ds = Alloc(kBlock * kBlock),
-         dka = Alloc(kBlock * d), dva = Alloc(kBlock * d);
-  Pack(pb, q + base, qp.get()), Pack(pb, k + base, kp.get()), PackT(pb, k + base, kt.get());
-  PackT(pb, v + base, vt.get()), Pack(pb, dout + base, dop.get());
+  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), vt = Alloc(d * t),
+         dop = Alloc(t * d), delta = Alloc(t), dqa = Alloc(t * d), dka = Alloc(t * d), dva = Alloc(t * d),
+         p = Alloc(kBlock * kBlock), ds = Alloc(kBlock * kBlock);
+  Pack(pb, q, pb.QkvRow(), c, sn, qp.get(), nullptr);
+  Pack(pb, q + hd, pb.QkvRow(), c, sn, kp.get(), kt.get());
+  Pack(pb, q + 2 * hd, pb.QkvRow(), nullptr, nullptr, vp.get(), vt.get());
+  Pack(pb, dout + base, pb.Row(), nullptr, nullptr, dop.get(), nullptr);
   for (int64_t i = 0; i < t; ++i) {
     const float* oi = o + base + i * pb.Row();
     float acc = 0.f;
@@ -200,8 +238,9 @@ void Backward(const Problem& pb, int64_t bh, const float* q, const float* k, con
   const __m512 scale = _mm512_set1_ps(pb.scale);
   for (int64_t kb = 0; kb < t / kBlock; ++kb) {
     const int64_t k0 = kb * kBlock;
-    std::fill(dka.get(), dka.get() + kBlock * d, 0.f);
-    std::fill(dva.get(), dva.get() + kBlock * d, 0.f);
+    float *dkb = dka.get() + k0 * d, *dvb = dva.get() + k0 * d;
+    std::fill(dkb, dkb + kBlock * d, 0.f);
+    std::fill(dvb, dvb + kBlock * d, 0.f);
     int64_t first, last;
     QueryBlocks(pb, kb, &first, &last);
     for (int64_t qb = first; qb <= last; ++qb) {
@@ -220,16 +259,15 @@ void Backward(const Problem& pb, int64_t bh, const float* q, const float* k, con
           _mm512_storeu_ps(dr, _mm512_mul_ps(_mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dr), dl)), scale));
         }
       }
-      Gemm(kBlock, d, kBlock, p.get(), 1, kBlock, dop.get() + q0 * d, d, dva.get(), d, true);   // dV += P^T dO
-      Gemm(kBlock, d, kBlock, ds.get(), 1, kBlock, qp.get() + q0 * d, d, dka.get(), d, true);   // dK += dS^T Q
+      Gemm(kBlock, d, kBlock, p.get(), 1, kBlock, dop.get() + q0 * d, d, dvb, d, true);   // dV += P^T dO
+      Gemm(kBlock, d, kBlock, ds.get(), 1, kBlock, qp.get() + q0 * d, d, dkb, d, true);   // dK += dS^T Q
       Gemm(kBlock, d, kBlock, ds.get(), kBlock, 1, kp.get() + k0 * d, d, dqa.get() + q0 * d, d, true);  // dQ
     }
-    for (int64_t i = 0; i < kBlock; ++i) {
-      std::memcpy(dk + base + (k0 + i) * pb.Row(), dka.get() + i * d, sizeof(float) * d);
-      std::memcpy(dv + base + (k0 + i) * pb.Row(), dva.get() + i * d, sizeof(float) * d);
-    }
   }
-  for (int64_t i = 0; i < t; ++i) std::memcpy(dq + base + i * pb.Row(), dqa.get() + i * d, sizeof(float) * d);
+  float* dq = dqkv + pb.QkvBase(bh);
+  Unrotate(pb, dqa.get(), c, sn, dq, pb.QkvRow());
+  Unrotate(pb, dka.get(), c, sn, dq + hd, pb.QkvRow());
+  for (int64_t i = 0; i < t; ++i) std::memcpy(dq + 2 * hd + i * pb.QkvRow(), dva.get() + i * d, sizeof(float) * d);
 }
 
 }  // namespace ettin_attn
@@ -238,33 +276,34 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The problem of q [B, T, H, D] and seg [B, T], or an error.
-ffi::ErrorOr<ettin_attn::Problem> Describe(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                                          const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg,
+// The problem of qkv [B, T, 3, H, D], cos and sin [B, T, D] and seg [B, T], or an error.
+ffi::ErrorOr<ettin_attn::Problem> Describe(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buffer<ffi::F32>& cos,
+                                          const ffi::Buffer<ffi::F32>& sin, const ffi::Buffer<ffi::S32>& seg,
                                           int64_t back, int64_t ahead) {
-  const auto dims = q.dimensions();
-  if (dims.size() != 4 || k.element_count() != q.element_count() || v.element_count() != q.element_count())
-    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: q, k, v must be [B, T, H, D] of one shape"));
-  ettin_attn::Problem pb{dims[0], dims[1], dims[2], dims[3], back, ahead,
-                         float(1.0 / std::sqrt(double(dims[3]))), seg.typed_data()};
+  const auto dims = qkv.dimensions();
+  if (dims.size() != 5 || dims[2] != 3)
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: qkv must be [B, T, 3, H, D]"));
+  ettin_attn::Problem pb{dims[0], dims[1], dims[3], dims[4], back, ahead, float(1.0 / std::sqrt(double(dims[4]))),
+                         seg.typed_data(), cos.typed_data(), sin.typed_data()};
   if (seg.element_count() != size_t(pb.b * pb.t))
     return ffi::Unexpected(ffi::Error::InvalidArgument("attention: segment ids must be [B, T]"));
+  if (cos.element_count() != size_t(pb.b * pb.t * pb.d) || sin.element_count() != cos.element_count())
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: the RoPE tables must be [B, T, D]"));
   if (pb.t % ettin_attn::kBlock != 0 || pb.d % 32 != 0 || pb.t == 0)
-    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: T must be a positive multiple of 64 and D of 32"));
+    return ffi::Unexpected(ffi::Error::InvalidArgument("attention: T must be a positive multiple of 64, D of 32"));
   if (pb.t > (int64_t(1) << 30))
     return ffi::Unexpected(ffi::Error::InvalidArgument("attention: rows too long for 32-bit key indices"));
   return pb;
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int64_t back, int64_t ahead,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
+                       ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::S32> seg, int64_t back, int64_t ahead,
                        ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
-  auto pb = Describe(q, k, v, seg, back, ahead);
+  auto pb = Describe(qkv, cos, sin, seg, back, ahead);
   if (pb.has_error()) return pb.error();
   try {
     ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
-      ettin_attn::Forward(*pb, bh, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
-                          lse->typed_data());
+      ettin_attn::Forward(*pb, bh, qkv.typed_data(), o->typed_data(), lse->typed_data());
     });
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
@@ -272,18 +311,16 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
+                        ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t back, int64_t ahead,
-                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv) {
-  auto pb = Describe(q, k, v, seg, back, ahead);
+                        ffi::ResultBuffer<ffi::F32> dqkv) {
+  auto pb = Describe(qkv, cos, sin, seg, back, ahead);
   if (pb.has_error()) return pb.error();
   try {
     ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
-      ettin_attn::Backward(*pb, bh, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
-                           lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
-                           dv->typed_data());
+      ettin_attn::Backward(*pb, bh, qkv.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
+                           dqkv->typed_data());
     });
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
@@ -296,9 +333,9 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, T, H, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv [B, T, 3, H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos [B, T, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin [B, T, D]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // segment ids [B, T]
                                   .Attr<int64_t>("back")          // -1: unbounded
                                   .Attr<int64_t>("ahead")
@@ -308,15 +345,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionForward, ForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttentionBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
                                   .Arg<ffi::Buffer<ffi::S32>>()   // segment ids
                                   .Arg<ffi::Buffer<ffi::F32>>()   // o
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()   // do
                                   .Attr<int64_t>("back")
                                   .Attr<int64_t>("ahead")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dqkv [B, T, 3, H, D]
