@@ -87,6 +87,7 @@ def _loss_and_hlo(cfg, t, devices, *, native=True, monkeypatch=None):
     return out, hlo
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_an_fp32_model_on_one_device_uses_the_kernel_and_nothing_else_does(monkeypatch):
     """Every layer of a tiny fp32 decoder (global and sliding-window) runs through the kernel on one device, with

@@ -36,6 +36,7 @@ def test_local_task_end_to_end_matches_our_multiple_choice(monkeypatch):
     assert got["acc,none"] == pytest.approx(ours["acc"]) and got["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 
+@pytest.mark.slow
 def test_adapter_is_registered_and_generation_needs_a_decoder():
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
@@ -90,6 +91,7 @@ def test_harness_command_line_builds_the_model_from_model_args(hf_dirs, tmp_path
     assert got["acc,none"] == pytest.approx(ours["acc"]) and got["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 
+@pytest.mark.slow
 def test_model_args_string_loads_the_model_and_an_encoder_scores_by_pll(hf_dirs, monkeypatch):
     """`simple_evaluate(model="ettin", model_args="pretrained=...,pll=True")` on a local task: the encoder is
     built from the string and scored by masked pseudo-log-likelihood, equal to our own PLL multiple choice; without

@@ -109,6 +109,7 @@ def _loss_hlo(cfg, objective, mesh_devices):
         return fn.lower(params).as_text()
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_an_fp32_train_step_on_one_device_uses_the_kernel_and_nothing_else_does(objective):

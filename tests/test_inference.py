@@ -165,6 +165,7 @@ def test_generation_stops_at_eos(decoder):
     assert inference.generate(params, cfg, ids, 16, eos_id=eos) == free[:stop + 1]
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_matches_full_forward(decoder):
     """Logits of a prefill plus single-token steps equal one causal forward over the whole sequence."""
     params, cfg, _, _ = decoder

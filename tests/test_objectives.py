@@ -89,6 +89,7 @@ def _dense_loss(params, batch, m, obj):
     return jnp.sum(weights * nll) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlm", "clm", "mntp"])
 def test_loss_fn_equals_dense_computation(name):
     cfg = sizes.model_config("tiny", vocab_size=256, attention_block=16, local_window=8)

@@ -146,6 +146,7 @@ def test_sharding_rules_override_changes_parameter_shardings():
 # ------------------------------------------------------------------------------------------------------ remat
 
 
+@pytest.mark.slow
 def test_remat_dots_gives_the_same_loss_and_gradients():
     """Rematerialisation recomputes, it does not change the function: remat='dots' (matmul outputs saved, the rest
     recomputed) gives remat='none''s loss and gradients. ('full' is covered by the trainer tests.)"""
@@ -184,6 +185,7 @@ def _memory_module():
     return module
 
 
+@pytest.mark.slow
 def test_memory_table_in_docs_is_what_the_script_prints():
     """docs/scaling.md's per-chip memory table and the 8-chip figures are benchmarks/memory.py's output."""
     memory = _memory_module()

@@ -35,6 +35,9 @@
 
 namespace ettin_attn {
 
+using ettin::Alloc;
+using ettin::Floats;
+
 constexpr int64_t kBlock = 64;  // query and key rows per block
 
 struct Problem {
@@ -105,17 +108,6 @@ inline void QueryBlocks(const Problem& pb, int64_t kb, int64_t* first, int64_t* 
   const int64_t nb = pb.t / kBlock, k0 = kb * kBlock, k1 = k0 + kBlock - 1;
   *first = pb.ahead < 0 ? 0 : std::max<int64_t>(0, (k0 - pb.ahead) / kBlock);
   *last = pb.back < 0 ? nb - 1 : std::min<int64_t>(nb - 1, (k1 + pb.back) / kBlock);
-}
-
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using Floats = std::unique_ptr<float[], AlignedFree>;
-inline Floats Alloc(int64_t count) {
-  const size_t bytes = ((size_t(count) * sizeof(float) + 63) / 64) * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-  if (p == nullptr) throw std::bad_alloc();
-  return Floats(p);
 }
 
 // The [T, D] rows of one (batch, head) at x (token stride `row`), packed contiguous; optionally rotated by the

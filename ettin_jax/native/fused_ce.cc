@@ -40,6 +40,9 @@
 
 namespace ettin_ce {
 
+using ettin::Alloc;
+using ettin::Floats;
+
 constexpr int64_t kRowBlock = 128;   // rows per block: a multiple of 32
 constexpr int64_t kVChunk = 576;     // vocabulary rows per task: a multiple of 12 and of 6
 constexpr int kPanel = 32;           // rows per packed x^T panel (two vectors)
@@ -135,17 +138,6 @@ inline void FeatGradTile(const Problem& pb, int64_t v0, int64_t vn, int64_t j, c
     _mm512_storeu_ps(dxp + (r + i) * h + j, acc[i][0]);
     _mm512_storeu_ps(dxp + (r + i) * h + j + 16, acc[i][1]);
   }
-}
-
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using Floats = std::unique_ptr<float[], AlignedFree>;
-inline Floats Alloc(int64_t count) {
-  const size_t bytes = ((size_t(count) * sizeof(float) + 63) / 64) * 64;
-  float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-  if (p == nullptr) throw std::bad_alloc();
-  return Floats(p);
 }
 
 // Runs the whole problem on the calling thread and XLA's intra-op pool.

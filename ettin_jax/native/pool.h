@@ -1,5 +1,5 @@
-// A parallel-for on the calling thread and XLA's intra-op pool, shared by the native handlers (screened_argmax.cc,
-// fused_ce.cc). Tasks are claimed from a shared counter, so the caller never waits on a helper that has not
+// A parallel-for on the calling thread and XLA's intra-op pool, and aligned scratch buffers, shared by the native
+// handlers (screened_argmax.cc, fused_ce.cc, attention.cc). Tasks are claimed from a shared counter, so the caller never waits on a helper that has not
 // started, and a helper that starts after the loop has returned finds no task left and touches nothing else (the
 // loop's state is shared with it; `fn` is never called again).
 #pragma once
@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
+#include <new>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -39,6 +41,19 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t tasks, std::function
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([loop]() { loop->Work(); });
   loop->Work();
   while (loop->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
+}
+
+// A float buffer of `count` entries aligned to 64 bytes (uninitialised); throws std::bad_alloc when there is no
+// memory, which the handlers turn into an error.
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using Floats = std::unique_ptr<float[], AlignedFree>;
+inline Floats Alloc(int64_t count) {
+  const size_t bytes = ((size_t(count) * sizeof(float) + 63) / 64) * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  if (p == nullptr) throw std::bad_alloc();
+  return Floats(p);
 }
 
 }  // namespace ettin
