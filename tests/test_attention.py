@@ -189,6 +189,7 @@ def test_cudnn_arguments_mean_the_band(band, layout):
     assert attention.resolve_impl("auto", BANDS[band], 1024, platform="gpu") == "cudnn"
 
 
+@pytest.mark.slow
 def test_dispatch():
     assert attention.resolve_impl("auto", (64, 64), 1024, platform="cpu") == "blocked"
     assert attention.resolve_impl("auto", (64, 64), 100, platform="cpu") == "chunked"
@@ -293,6 +294,7 @@ def _shard_maps(jaxpr):
 @pytest.mark.parametrize("band", [
     pytest.param("encoder-local"), pytest.param("encoder-global", marks=pytest.mark.slow),
     pytest.param("decoder-global", marks=pytest.mark.slow), pytest.param("decoder-local-hf", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_splash_sharded_equals_reference(mesh_shape, band):
     """On a (data, fsdp, tensor) mesh splash runs in a shard_map over batch and heads, and equals the reference,
     forward and gradients."""

@@ -206,6 +206,7 @@ def _decoding_loop_hlo(text: str) -> str:
     return "\n".join(comps[n] for n in seen)
 
 
+@pytest.mark.slow
 def test_decoding_loop_updates_the_kv_cache_in_place(decoder):
     """The compiled decoding loop never copies or transposes a layer's KV cache (global or ring): each token's keys
     and values are written in place and read where they lie (a [B, S, H, D] cache was transposed, and a [B, H, S, D]

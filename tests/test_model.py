@@ -45,6 +45,7 @@ def _plain_geglu(h):
     return jax.nn.gelu(inp, approximate=False) * gate
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_layer_norm_and_geglu_vjps_equal_autodiff(jit):
     """layer_norm and geglu have hand-written backward passes (they keep less for the backward pass than autodiff

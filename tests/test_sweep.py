@@ -158,6 +158,7 @@ def test_shipped_sweeps_dry_run():
             assert {p.total_steps for p in points} == {30}
 
 
+@pytest.mark.slow
 def test_tpu_dry_run(config_file):
     r = _ettin("sweep", f"--config={config_file}", "--sweep=two", "--workdir_root=/mnt/bucket/two", "--dry_run",
                "--tpu=my-vm", "--zone=us-central2-b", "--config.total_steps=9")
