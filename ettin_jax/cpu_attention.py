@@ -20,16 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import cpu_dots, native_build
+from ettin_jax import native_build
 
 FORWARD, BACKWARD = "ettin_attention_fwd", "ettin_attention_bwd"
 
 
-@functools.cache
 def available() -> bool:
     """Whether the handlers are built and registered for this process's CPU (decided once per process)."""
-    return "avx512f" in cpu_dots.cpu_flags() and native_build.register(
-        "attention", ((FORWARD, "AttentionForward"), (BACKWARD, "AttentionBackward")))
+    return native_build.register("attention", ((FORWARD, "AttentionForward"), (BACKWARD, "AttentionBackward")),
+                                 cpu_flag="avx512f")
 
 
 def usable(qkv) -> bool:

@@ -15,21 +15,18 @@ ETTIN_JAX_NATIVE=0 turns it off). Everything else takes the XLA path.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from ettin_jax import cpu_dots, native_build
+from ettin_jax import native_build
 
 TARGET = "ettin_fused_ce"
 ROWS = 32  # the kernel's row multiple: callers' rows are padded with weight-0 rows
 
 
-@functools.cache
 def available() -> bool:
     """Whether the handler is built and registered for this process's CPU (decided once per process)."""
-    return "avx512f" in cpu_dots.cpu_flags() and native_build.register("fused_ce", ((TARGET, "FusedCe"),))
+    return native_build.register("fused_ce", ((TARGET, "FusedCe"),), cpu_flag="avx512f")
 
 
 def usable(x, embedding, bias) -> bool:

@@ -75,10 +75,11 @@ def build(name: str) -> Optional[str]:
 
 
 @functools.cache
-def register(name: str, targets: tuple[tuple[str, str], ...]) -> bool:
+def register(name: str, targets: tuple[tuple[str, str], ...], cpu_flag: Optional[str] = None) -> bool:
     """Builds native/<name>.cc and registers its handlers, (FFI target, exported symbol) pairs, for the CPU backend;
-    False (decided once per process) where native handlers are off or the build or load failed."""
-    if not enabled():
+    False (decided once per process) where native handlers are off, the CPU lacks `cpu_flag` (as /proc/cpuinfo
+    names it; nothing is built then), or the build or load failed."""
+    if not enabled() or (cpu_flag is not None and cpu_flag not in cpu_dots.cpu_flags()):
         return False
     path = build(name)
     if path is None:

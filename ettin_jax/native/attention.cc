@@ -24,10 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <new>
 
 #include "pool.h"
 #include "simd.h"
@@ -293,14 +290,11 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buf
                        ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   auto pb = Describe(qkv, cos, sin, seg, back, ahead);
   if (pb.has_error()) return pb.error();
-  try {
+  return ettin::OutOfMemoryAsError("attention", [&] {
     ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
       ettin_attn::Forward(*pb, bh, qkv.typed_data(), o->typed_data(), lse->typed_data());
     });
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
@@ -309,15 +303,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
                         ffi::ResultBuffer<ffi::F32> dqkv) {
   auto pb = Describe(qkv, cos, sin, seg, back, ahead);
   if (pb.has_error()) return pb.error();
-  try {
+  return ettin::OutOfMemoryAsError("attention", [&] {
     ettin::ParallelFor(pool, pb->b * pb->h, [&](int64_t bh, int) {
       ettin_attn::Backward(*pb, bh, qkv.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
                            dqkv->typed_data());
     });
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "attention: out of memory for the scratch buffers");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace

@@ -29,10 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <memory>
 
 #include "pool.h"
 #include "simd.h"
@@ -273,12 +270,7 @@ ffi::Error FusedCeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   ettin_ce::Problem pb{n, h, v, x.typed_data(), emb.typed_data(), bias.typed_data(), weights.typed_data(),
                        labels.typed_data(), ce->typed_data(), correct->typed_data(), dx->typed_data(),
                        demb->typed_data(), dbias->typed_data()};
-  try {
-    ettin_ce::Run(pb, pool);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fused_ce: out of memory for the scratch buffers");
-  }
-  return ffi::Error::Success();
+  return ettin::OutOfMemoryAsError("fused_ce", [&] { ettin_ce::Run(pb, pool); });
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <new>
+#include <string>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -54,6 +55,19 @@ inline Floats Alloc(int64_t count) {
   float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
   if (p == nullptr) throw std::bad_alloc();
   return Floats(p);
+}
+
+// Runs fn(); a scratch allocation that fails in it (std::bad_alloc, from Alloc) becomes an XLA error naming `what`
+// instead of an exception through the FFI boundary.
+template <typename Fn>
+xla::ffi::Error OutOfMemoryAsError(const char* what, Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::bad_alloc&) {
+    return xla::ffi::Error(xla::ffi::ErrorCode::kResourceExhausted,
+                           std::string(what) + ": out of memory for the scratch buffers");
+  }
+  return xla::ffi::Error::Success();
 }
 
 }  // namespace ettin
