@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import cpu_attention, cpu_dots
+from ettin_jax import cpu_attention, cpu_dots, cpu_gemm
 
 Array = jax.Array
 
@@ -259,6 +259,8 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _init(self.std, self.names), (x.shape[-1], self.features), jnp.float32)
         if cpu_dots.enabled(self.dtype):
             return cpu_dots.dense(x.astype(self.dtype), kernel)
+        if jnp.dtype(self.dtype) == jnp.float32 and cpu_gemm.usable(x.astype(jnp.float32), kernel):
+            return cpu_gemm.dense(x.astype(jnp.float32), kernel)
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 

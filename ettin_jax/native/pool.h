@@ -1,7 +1,7 @@
 // A parallel-for on the calling thread and XLA's intra-op pool, and aligned scratch buffers, shared by the native
-// handlers (screened_argmax.cc, fused_ce.cc, attention.cc). Tasks are claimed from a shared counter, so the caller never waits on a helper that has not
-// started, and a helper that starts after the loop has returned finds no task left and touches nothing else (the
-// loop's state is shared with it; `fn` is never called again).
+// handlers (screened_argmax.cc, fused_ce.cc, attention.cc, gemm.cc). Tasks are claimed from a shared counter, so the
+// caller never waits on a helper that has not started, and a helper that starts after the loop has returned finds
+// no task left and touches nothing else (the loop's state is shared with it; `fn` is never called again).
 #pragma once
 
 #include <algorithm>
