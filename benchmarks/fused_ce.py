@@ -5,7 +5,7 @@ on cache-resident vocabulary chunks), which fp32 training on an AVX-512 CPU uses
     python benchmarks/fused_ce.py [--rows=8192] [--rounds=5]   # needs g++ and AVX-512
 
 8192 rows are the CLM 8 x 1024 step's, 2458 the MLM step's masked positions. Checks the two agree (loss, dx, dE,
-db), then times them alternating in one process. docs/perf.md item 15: 12-15% faster than XLA's on the 2-core
+db), then times them alternating in one process. docs/perf.md item 15: 18-30% faster than XLA's on the 2-core
 machine.
 """
 import argparse

@@ -4,7 +4,7 @@
 the gradients of the weighted CE sum with respect to the features, the tied embedding and the bias, a chunk of
 rows at a time (three GEMMs per chunk and ~8 elementwise passes over the [rows, 50368] logits between them). On
 an x86 CPU with AVX-512, `native/fused_ce.cc` (an XLA FFI handler) does the same computation with the softmax
-done on cache-resident vocabulary chunks, so the logits make one trip to memory: 12-15% faster than XLA on the
+done on cache-resident vocabulary chunks, so the logits make one trip to memory: 18-30% faster than XLA on the
 CE alone (benchmarks/fused_ce.py; docs/perf.md item 15). It agrees with the XLA path to fp32 rounding (loss to 7
 digits, gradients within ~3e-6); `correct` is exact.
 

@@ -1,5 +1,5 @@
 // The tied decoder's cross-entropy and its gradients in one pass on CPU (fp32): an XLA FFI handler used by
-// objectives.decoder_cross_entropy's forward-with-gradients pass (ettin_jax/fused_ce.py says when). 12-15% faster
+// objectives.decoder_cross_entropy's forward-with-gradients pass (ettin_jax/fused_ce.py says when). 18-30% faster
 // than the same computation in XLA on the 2-core machine (benchmarks/fused_ce.py; docs/perf.md item 15).
 //
 // For features x [n, h], embedding E [v, h], bias b [v], labels y [n] and weights w [n] it returns per row
@@ -13,7 +13,7 @@
 // on the chunk while it is in L2: the logits make one trip to memory (written as exp(l - chunk max), read back
 // once for the gradient products). The chunks of a block run on the calling thread and XLA's intra-op pool.
 //
-// Layouts, chosen so that no operand needs packing but x^T (one block's, 128 KB): the logits are kept
+// Layouts, chosen so that no operand needs packing but x^T (one block's, 512 KB): the logits are kept
 // transposed, S[v][r], so the softmax's reductions over the vocabulary are vector operations across rows.
 //   logits:  S[v][r] = sum_k E[v][k] xT[k][r]   (E broadcast, xT loaded as vectors)
 //   dE:      dE[v][:] += sum_r D[v][r] x[r][:]   (D broadcast, x rows loaded)
@@ -40,8 +40,12 @@ namespace ettin_ce {
 using ettin::Alloc;
 using ettin::Floats;
 
-constexpr int64_t kRowBlock = 128;   // rows per block: a multiple of 32
-constexpr int64_t kVChunk = 576;     // vocabulary rows per task: a multiple of 12 and of 6
+// Rows per block: a multiple of 32. Every block streams all of E twice (logits, dx) and reads and writes all of dE
+// once: 512 rows make that traffic a quarter of 128 rows' (the CE kernel alone 1.38 -> 1.17 s at the MLM step's
+// 2464 rows), for logits scratch of 512 x v floats (103 MB at the 50k vocabulary).
+constexpr int64_t kRowBlock = 512;
+constexpr int64_t kVChunk = 288;     // vocabulary rows per task: a multiple of 12, of 6 and of 32 (its logits:
+                                     // 576 KB at 512 rows, in L2 from the logits through the exp and gradients)
 constexpr int kPanel = 32;           // rows per packed x^T panel (two vectors)
 constexpr int64_t kGroups = 8;       // pass 2's tasks: runs of chunks, each with its own dx partial sum
 
@@ -54,12 +58,13 @@ struct Problem {
 
 using ettin::Exp;
 
-// S[v + i][p*32 .. p*32 + 32) = E[v + i] . xT panel p + b[v + i], i < MR, for every panel; running max in mx.
+// S[v + i][p*32 .. p*32 + 32) = E[v + i] . xT panel p + b[v + i], i < MR; running max in mx.
 template <int MR>
-inline void LogitsTile(const Problem& pb, int64_t v, const float* xt, int64_t rows, float* s, float* mx) {
+inline void LogitsTile(const Problem& pb, int64_t v, const float* xt, int64_t rows, float* s, float* mx,
+                       int64_t p) {
   const int64_t h = pb.h;
   const float* e = pb.emb + v * h;
-  for (int64_t p = 0; p < rows / kPanel; ++p) {
+  {
     const float* b = xt + p * h * kPanel;
     __m512 acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -160,9 +165,11 @@ inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
       float* mx = cmax.get() + c * rows;
       float* sm = csum.get() + c * rows;
       for (int64_t r = 0; r < rows; ++r) mx[r] = -INFINITY, sm[r] = 0.f;
-      int64_t v = v0;
-      for (; v + 12 <= v1; v += 12) LogitsTile<12>(pb, v, xt.get(), rows, s.get() + v * rows, mx);
-      for (; v < v1; ++v) LogitsTile<1>(pb, v, xt.get(), rows, s.get() + v * rows, mx);
+      for (int64_t p = 0; p < rows / kPanel; ++p) {  // a panel of x^T (32 KB) stays in L1 across the chunk
+        int64_t v = v0;
+        for (; v + 12 <= v1; v += 12) LogitsTile<12>(pb, v, xt.get(), rows, s.get() + v * rows, mx, p);
+        for (; v < v1; ++v) LogitsTile<1>(pb, v, xt.get(), rows, s.get() + v * rows, mx, p);
+      }
       for (int64_t r = 0; r < rows; r += 16) {
         const __m512 m = _mm512_loadu_ps(mx + r);
         __m512 acc = _mm512_setzero_ps();
@@ -220,21 +227,20 @@ inline void Run(const Problem& pb, xla::ffi::ThreadPool& pool) {
           pb.dbias[label] -= pb.w[r0 + r];
         }
       }
-      // dE: a 64-column slice of the block's x (32 KB) stays in L1 across the chunk's rows.
+      // dE: a 64-column slice of the block's x (128 KB) stays in L2 across the chunk's rows.
       for (int64_t j = 0; j < h; j += 64) {
         int64_t v = v0;
         for (; v + 6 <= v1; v += 6) EmbGradTile<6>(pb, v, j, s.get() + v * rows, x, rows);
         for (; v < v1; ++v) EmbGradTile<1>(pb, v, j, s.get() + v * rows, x, rows);
       }
-      // dx: 32 columns of the partial sum (16 KB) and 32 rows of E's slice stay in L1.
-      for (int64_t j = 0; j < h; j += 32)
-        for (int64_t vb = v0; vb < v1; vb += 32) {
-          const int64_t vn = std::min<int64_t>(32, v1 - vb);
-          const float* d = s.get() + vb * rows;
-          int64_t r = 0;
-          for (; r + 12 <= rows; r += 12) FeatGradTile<12>(pb, vb, vn, j, d, rows, r, part);
-          for (; r < rows; r += 4) FeatGradTile<4>(pb, vb, vn, j, d, rows, r, part);
-        }
+      // dx: a 32-column slice of the chunk's E rows (36 KB) stays in L1 across the row tiles, each summing the
+      // whole chunk in registers.
+      for (int64_t j = 0; j < h; j += 32) {
+        const float* d = s.get() + v0 * rows;
+        int64_t r = 0;
+        for (; r + 12 <= rows; r += 12) FeatGradTile<12>(pb, v0, v1 - v0, j, d, rows, r, part);
+        for (; r < rows; r += 4) FeatGradTile<4>(pb, v0, v1 - v0, j, d, rows, r, part);
+      }
     };
     ettin::ParallelFor(pool, groups, [&](int64_t g, int) {
       for (int64_t c = g * chunks / groups; c < (g + 1) * chunks / groups; ++c) chunk(c, dxp.get() + g * rows * h);
