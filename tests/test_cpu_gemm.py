@@ -76,6 +76,7 @@ def _hlo(cfg, devices, t=128):
         return fn.lower(params).as_text()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_an_fp32_model_on_one_device_uses_it_and_nothing_else_does():
     """Every projection of a tiny fp32 model (4 a layer) on one device with 256 rows; not on two devices, in bf16,
