@@ -181,7 +181,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
         const int64_t g = task / col_blocks, c0 = (task % col_blocks) * 256, c1 = std::min(p.n, c0 + 256);
         const int64_t k0 = g * per, k1 = std::min(p.kdim, k0 + per);
         float* dst = g == 0 ? p.c : partial.get() + (g - 1) * p.m * p.n;
-        if (k0 >= k1) {  // an empty run (possible only in the last group): its share is zero
+        if (k0 >= k1) {  // an empty run (the last ones, where the runs round up to whole chunks): zero
           for (int64_t r = 0; r < p.m; ++r) std::fill(dst + r * p.n + c0, dst + r * p.n + c1, 0.f);
           return;
         }
