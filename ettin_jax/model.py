@@ -257,11 +257,12 @@ class Dense(nn.Module):
             return jax.lax.dot_general(x.astype(self.dtype), kernel_t.astype(self.dtype),
                                        (((x.ndim - 1,), (1,)), ((), ())))
         kernel = self.param("kernel", _init(self.std, self.names), (x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
         if cpu_dots.enabled(self.dtype):
-            return cpu_dots.dense(x.astype(self.dtype), kernel)
-        if jnp.dtype(self.dtype) == jnp.float32 and cpu_gemm.usable(x.astype(jnp.float32), kernel):
-            return cpu_gemm.dense(x.astype(jnp.float32), kernel)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+            return cpu_dots.dense(x, kernel)
+        if cpu_gemm.usable(x, kernel):  # fp32 x and kernel only
+            return cpu_gemm.dense(x, kernel)
+        return jnp.dot(x, kernel.astype(self.dtype))
 
 
 def transpose_for_decoding(params: dict) -> dict:

@@ -64,31 +64,29 @@ inline void LogitsTile(const Problem& pb, int64_t v, const float* xt, int64_t ro
                        int64_t p) {
   const int64_t h = pb.h;
   const float* e = pb.emb + v * h;
-  {
-    const float* b = xt + p * h * kPanel;
-    __m512 acc[MR][2];
-    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < h; ++k) {
-      const __m512 b0 = _mm512_loadu_ps(b + k * kPanel), b1 = _mm512_loadu_ps(b + k * kPanel + 16);
-      for (int i = 0; i < MR; ++i) {
-        const __m512 a = _mm512_set1_ps(e[i * h + k]);
-        acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
-      }
-    }
-    __m512 m0 = _mm512_loadu_ps(mx + p * kPanel), m1 = _mm512_loadu_ps(mx + p * kPanel + 16);
+  const float* b = xt + p * h * kPanel;
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < h; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kPanel), b1 = _mm512_loadu_ps(b + k * kPanel + 16);
     for (int i = 0; i < MR; ++i) {
-      const __m512 bias = _mm512_set1_ps(pb.bias[v + i]);
-      acc[i][0] = _mm512_add_ps(acc[i][0], bias);
-      acc[i][1] = _mm512_add_ps(acc[i][1], bias);
-      _mm512_storeu_ps(s + i * rows + p * kPanel, acc[i][0]);
-      _mm512_storeu_ps(s + i * rows + p * kPanel + 16, acc[i][1]);
-      m0 = _mm512_max_ps(m0, acc[i][0]);
-      m1 = _mm512_max_ps(m1, acc[i][1]);
+      const __m512 a = _mm512_set1_ps(e[i * h + k]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
     }
-    _mm512_storeu_ps(mx + p * kPanel, m0);
-    _mm512_storeu_ps(mx + p * kPanel + 16, m1);
   }
+  __m512 m0 = _mm512_loadu_ps(mx + p * kPanel), m1 = _mm512_loadu_ps(mx + p * kPanel + 16);
+  for (int i = 0; i < MR; ++i) {
+    const __m512 bias = _mm512_set1_ps(pb.bias[v + i]);
+    acc[i][0] = _mm512_add_ps(acc[i][0], bias);
+    acc[i][1] = _mm512_add_ps(acc[i][1], bias);
+    _mm512_storeu_ps(s + i * rows + p * kPanel, acc[i][0]);
+    _mm512_storeu_ps(s + i * rows + p * kPanel + 16, acc[i][1]);
+    m0 = _mm512_max_ps(m0, acc[i][0]);
+    m1 = _mm512_max_ps(m1, acc[i][1]);
+  }
+  _mm512_storeu_ps(mx + p * kPanel, m0);
+  _mm512_storeu_ps(mx + p * kPanel + 16, m1);
 }
 
 // dE[v + i][j .. j + 64) += sum_r D[v + i][r] x[r][j .. j + 64), i < MR (D = s, rows r of this block).

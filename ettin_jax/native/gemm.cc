@@ -176,7 +176,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
       const int64_t groups = std::max<int64_t>(1, std::min(kGroups, p.kdim / kChunk));
       const int64_t per = ((p.kdim + groups - 1) / groups + kChunk - 1) / kChunk * kChunk;
       const int64_t col_blocks = (p.n + 255) / 256;
-      ettin::Floats partial = ettin::Alloc(std::max<int64_t>(groups - 1, 1) * p.m * p.n);
+      ettin::Floats partial = groups > 1 ? ettin::Alloc((groups - 1) * p.m * p.n) : nullptr;
       ettin::ParallelFor(pool, groups * col_blocks, [&](int64_t task, int) {
         const int64_t g = task / col_blocks, c0 = (task % col_blocks) * 256, c1 = std::min(p.n, c0 + 256);
         const int64_t k0 = g * per, k1 = std::min(p.kdim, k0 + per);
