@@ -236,7 +236,7 @@ def run_workload(name, rounds, steps, log):
     return out
 
 
-def write_results(path, results, peak, argv, loads):
+def write_results(path, results, peak, argv, loads, kept):
     lines = ["# Ours vs transformers' ModernBERT on this CPU", "",
              "Reproduce (from the repository root, on a quiet machine; 16-19 minutes on the 2-core machine):", "",
              f"    python benchmarks/vs_transformers.py {' '.join(argv)}".rstrip(), "",
@@ -248,7 +248,9 @@ def write_results(path, results, peak, argv, loads):
              "transformers with sdpa attention, "
              "sparse prediction for MLM, torch.set_num_threads(2), its own AdamW step inside the timed train step "
              "(ours: StableAdamW inside the jitted step). Each round times both sides back to back, alternating "
-             "which goes first; the figures are medians over all rounds, the ratio is ours / transformers.", "",
+             "which goes first; the figures are medians over all rounds, the ratio is ours / transformers. Host "
+             "allocator, shared by both sides: " + ("glibc keeps freed memory (`ettin_jax.hostmem`: one arena, no "
+             "mmap'd blocks, no trimming; what the `ettin` command sets)" if kept else "glibc's defaults") + ".", "",
              "| workload | ours tok/s | transformers tok/s | ratio | target | met | ours MFU | transformers MFU |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -290,8 +292,16 @@ def main():
     p.add_argument("--only", default="", help="comma-separated workloads (default: all)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
+    p.add_argument("--heap", choices=("keep", "default"), default="default",
+                   help="default: glibc's own settings (as the issue's transformers figures were measured); keep: "
+                        "glibc keeps freed memory (ettin_jax.hostmem, what the `ettin` command sets), for both sides, "
+                        "which share the process")
     p.add_argument("--_memory", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.heap == "default":
+        os.environ["ETTIN_JAX_KEEP_HEAP"] = "0"  # inherited by the memory subprocesses
+    from ettin_jax import hostmem
+    kept = hostmem.keep_freed_memory()  # before jax or torch start threads
     if a._memory:
         side, name = a._memory.split(":")
         return memory_child(side, name)
@@ -312,9 +322,9 @@ def main():
         log(f"  ratio {results[name]['ratio']:.2f}x {json.dumps({k: v for k, v in results[name].items() if k == 'memory'})}")
     loads.append(os.getloadavg()[0])
     argv = [x for x in sys.argv[1:] if not x.startswith("--out")]
-    write_results(a.out, results, peak, argv, [f"{x:.1f}" for x in loads])
+    write_results(a.out, results, peak, argv, [f"{x:.1f}" for x in loads], kept)
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump(dict(results=results, peak_flops=peak, loads=loads), f, indent=1)
+        json.dump(dict(results=results, peak_flops=peak, loads=loads, heap_kept=kept), f, indent=1)
     log(f"wrote {a.out}")
 
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import attention, flops as flops_lib, objectives, recipe
+from ettin_jax import attention, flops as flops_lib, hostmem, objectives, recipe
 from ettin_jax.data.masking import num_mlm_slots
 from ettin_jax.model import Ettin, ModelConfig, init_params
 
@@ -191,6 +191,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, forward: bool = True, log=p
             log(f"forward {arch}: {r['tokens_per_s']:,.0f} tok/s  step {r['step_time_s'] * 1e3:.1f} ms  "
                 f"MFU {r['mfu']:.1%}  peak {_fmt_bytes(fb.peak_bytes)} (XLA)")
     out["peak_rss_bytes"] = peak_rss_bytes()
+    out["heap_kept"] = hostmem.applied()  # `ettin bench` sets it (ettin_jax/hostmem.py); a Python caller may not
     log(f"peak RSS of this process {_fmt_bytes(out['peak_rss_bytes'])}; MFU against {peak / 1e9:,.0f} GFLOP/s "
         f"per device ({peak_src})")
     return out

@@ -8,6 +8,8 @@ import sys
 
 from absl import flags
 
+from ettin_jax import hostmem
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("ettin_jax.train", "train a model (any size, objective, phase) from a config"),
@@ -68,6 +70,8 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the process's entry point (not a call from Python): before jax starts its threads
+        hostmem.keep_freed_memory()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
