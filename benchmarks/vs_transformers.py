@@ -200,8 +200,8 @@ def _vm_hwm():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_rss(side, name):
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--_memory={side}:{name}"],
+def peak_rss(side, name, heap):
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--_memory={side}:{name}", f"--heap={heap}"],
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise RuntimeError(f"memory subprocess {side}:{name} failed:\n{r.stderr[-3000:]}")
@@ -298,10 +298,8 @@ def main():
                         "which share the process")
     p.add_argument("--_memory", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.heap == "default":
-        os.environ["ETTIN_JAX_KEEP_HEAP"] = "0"  # inherited by the memory subprocesses
     from ettin_jax import hostmem
-    kept = hostmem.keep_freed_memory()  # before jax or torch start threads
+    kept = a.heap == "keep" and hostmem.keep_freed_memory()  # before jax or torch start threads
     if a._memory:
         side, name = a._memory.split(":")
         return memory_child(side, name)
@@ -318,7 +316,7 @@ def main():
         results[name] = run_workload(name, a.rounds, a.steps, log)
         peak = max(peak, matmul_rate())
         if WORKLOADS[name][0] == "train" and not a.no_memory:
-            results[name]["memory"] = {side: peak_rss(side, name) for side in ("ours", "transformers")}
+            results[name]["memory"] = {side: peak_rss(side, name, a.heap) for side in ("ours", "transformers")}
         log(f"  ratio {results[name]['ratio']:.2f}x {json.dumps({k: v for k, v in results[name].items() if k == 'memory'})}")
     loads.append(os.getloadavg()[0])
     argv = [x for x in sys.argv[1:] if not x.startswith("--out")]

@@ -1,4 +1,5 @@
 """ettin_jax.hostmem: glibc keeps freed memory, so a buffer freed and allocated again reuses resident pages."""
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,6 @@ print(json.dumps(dict(applied=applied, faults=faults)))
 
 
 def _child(keep: str) -> dict:
-    import json
     env = dict(os.environ, ETTIN_JAX_KEEP_HEAP=keep)
     for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         env.pop(k, None)
