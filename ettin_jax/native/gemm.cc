@@ -6,12 +6,14 @@
 //   1  C[M, K] = A[M, N] B[K, N]^T      dx = g W^T
 //   2  C[K, N] = A[M, K]^T B[M, N]      dW = x^T g
 // all row-major as XLA hands them over. Each is the same BLIS-style loop over a block of C: the reduction in chunks
-// of kChunk; per chunk the block's rows are packed as slivers [chunk][kRows] and each 32-column panel of B as
+// (forms 0 and 1: the whole reduction in one chunk up to kMaxChunk entries, else in equal chunks below it; form 2:
+// kChunk); per chunk the block's rows are packed as slivers [chunk][kRows] and each 32-column panel of B as
 // [chunk][32] (the forms differ only in the strides these packs read), and a 12 x 32 register tile (24
 // accumulators, the B row loaded as two vectors, each A entry broadcast from memory into its FMA) sums the chunk
 // into C. Forms 0 and 1: tasks (on the calling thread and XLA's intra-op pool) are blocks of kBlockRows rows, and
-// B, the weight, is packed once for all of them. Form 2: the reduction (the tokens) is split into kGroups fixed runs,
-// each summed into its own buffer, then added in order. Every C element is summed in one fixed order, whatever
+// B, the weight, is packed once for all of them; with the reduction in one chunk each C tile is written once, and
+// the B panel (up to 144 KB) and the block's packed rows (up to 216 KB) stay in L2. Form 2: the reduction (the
+// tokens) is split into kGroups fixed runs, each summed into its own buffer, then added in order. Every C element is summed in one fixed order, whatever
 // thread computes it: the result does not depend on scheduling.
 // Requirements (checked): N (form 0, 2) or K (form 1), the output's columns, a multiple of 32.
 #if !defined(__AVX512F__)
@@ -33,9 +35,11 @@ using ettin::Floats;
 
 constexpr int64_t kRows = 12;     // rows of the register tile
 constexpr int64_t kCols = 32;     // its columns (two 16-lane vectors)
-constexpr int64_t kChunk = 256;   // reduction entries per packed chunk (a B panel of 32 KB stays in L1)
-constexpr int64_t kGroups = 8;      // fixed runs the weight gradient's reduction is split into
-constexpr int64_t kBlockRows = 96;  // C rows per task (the packed A block, 96 KB at the full chunk, in L2)
+constexpr int64_t kRun = 256;        // reduction entries the registers sum before adding to C (accuracy)
+constexpr int64_t kChunk = 256;      // form 2: reduction entries per packed chunk (a B panel of 32 KB)
+constexpr int64_t kMaxChunk = 1152;  // forms 0 and 1: the longest chunk (the 150m's widths, 768 and 1152, in one)
+constexpr int64_t kGroups = 8;       // fixed runs the weight gradient's reduction is split into
+constexpr int64_t kBlockRows = 48;   // forms 0 and 1: C rows per task (4 slivers)
 
 // A view of an operand as a matrix X(r, c) = data[r * rs + c * cs].
 struct View {
@@ -44,28 +48,37 @@ struct View {
   float at(int64_t r, int64_t c) const { return data[r * rs + c * cs]; }
 };
 
-// c[kRows x 32] (= or +=) sum_k a[k * kRows + i] * b[k * 32 + j]; only the first `rows` rows are written.
+// c[kRows x 32] (= or +=) sum_k a[k * kRows + i] * b[k * 32 + j]; only the first `rows` rows are written. The
+// registers sum runs of kRun entries, each added to C in turn (a chunk of any length sums as accurately as one of
+// kRun: every C element is the in-order sum of its kRun-entry partial sums).
 inline void Tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t rows, bool acc) {
-  __m512 c0[kRows], c1[kRows];
-  for (int i = 0; i < kRows; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * kCols), b1 = _mm512_load_ps(b + k * kCols + 16);
-#pragma GCC unroll 12
-    for (int i = 0; i < kRows; ++i) {
-      const __m512 x = _mm512_set1_ps(a[k * kRows + i]);
-      c0[i] = _mm512_fmadd_ps(x, b0, c0[i]);
-      c1[i] = _mm512_fmadd_ps(x, b1, c1[i]);
-    }
+  for (int64_t i = 0; i < rows; ++i) {  // C's rows are far apart: fetch them while the first run sums
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
   }
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = c + i * ldc;
-    if (acc) {
-      c0[i] = _mm512_add_ps(c0[i], _mm512_loadu_ps(row));
-      c1[i] = _mm512_add_ps(c1[i], _mm512_loadu_ps(row + 16));
+  for (int64_t k0 = 0; k0 < kc; k0 += kRun) {
+    const int64_t k1 = std::min(kc, k0 + kRun);
+    __m512 c0[kRows], c1[kRows];
+    for (int i = 0; i < kRows; ++i) c0[i] = c1[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m512 b0 = _mm512_load_ps(b + k * kCols), b1 = _mm512_load_ps(b + k * kCols + 16);
+#pragma GCC unroll 12
+      for (int i = 0; i < kRows; ++i) {
+        const __m512 x = _mm512_set1_ps(a[k * kRows + i]);
+        c0[i] = _mm512_fmadd_ps(x, b0, c0[i]);
+        c1[i] = _mm512_fmadd_ps(x, b1, c1[i]);
+      }
     }
-    _mm512_storeu_ps(row, c0[i]);
-    _mm512_storeu_ps(row + 16, c1[i]);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = c + i * ldc;
+      if (acc || k0 > 0) {
+        c0[i] = _mm512_add_ps(c0[i], _mm512_loadu_ps(row));
+        c1[i] = _mm512_add_ps(c1[i], _mm512_loadu_ps(row + 16));
+      }
+      _mm512_storeu_ps(row, c0[i]);
+      _mm512_storeu_ps(row + 16, c1[i]);
+    }
   }
 }
 
@@ -105,13 +118,13 @@ struct Product {
   }
 
   // out rows [r0, r1) x columns [c0, c1) (out: C's layout, row stride ldc) = the sum over reduction entries
-  // [k_begin, k_end), in chunks; per chunk the rows are packed once and each panel of B packed once (or taken from
+  // [k_begin, k_end), in chunks of `chunk`; per chunk the rows are packed once and each panel of B packed once (or taken from
   // `panels`, all of B packed as [n / 32][kdim][32]), then every sliver runs against it.
-  void Block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t k_begin, int64_t k_end, float* out,
-             const float* panels, float* apack, float* bpack) const {
+  void Block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t k_begin, int64_t k_end, int64_t chunk,
+             float* out, const float* panels, float* apack, float* bpack) const {
     const int64_t slivers = (r1 - r0 + kRows - 1) / kRows;
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
-      const int64_t kc = std::min(kChunk, k_end - k0);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += chunk) {
+      const int64_t kc = std::min(chunk, k_end - k0);
       for (int64_t s = 0; s < slivers; ++s) PackSliver(r0 + s * kRows, r1, k0, kc, apack + s * kc * kRows);
       for (int64_t j = c0; j < c1; j += kCols) {
         const float* panel = bpack;
@@ -138,6 +151,7 @@ using ettin_gemm::kBlockRows;
 using ettin_gemm::kChunk;
 using ettin_gemm::kCols;
 using ettin_gemm::kGroups;
+using ettin_gemm::kMaxChunk;
 using ettin_gemm::kRows;
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs, int64_t form,
@@ -187,7 +201,7 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
         }
         const int64_t slivers = (p.m + kRows - 1) / kRows;
         ettin::Floats apack = ettin::Alloc(slivers * kRows * kChunk), bpack = ettin::Alloc(kChunk * kCols);
-        p.Block(0, p.m, c0, c1, k0, k1, dst, nullptr, apack.get(), bpack.get());
+        p.Block(0, p.m, c0, c1, k0, k1, kChunk, dst, nullptr, apack.get(), bpack.get());
       });
       if (groups > 1) {
         ettin::ParallelFor(pool, p.m, [&](int64_t r, int) {
@@ -206,11 +220,12 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer
     ettin::ParallelFor(pool, p.n / kCols, [&](int64_t j, int) {
       p.PackPanel(j * kCols, 0, p.kdim, panels.get() + j * p.kdim * kCols);
     });
+    const int64_t chunks = (p.kdim + kMaxChunk - 1) / kMaxChunk, chunk = (p.kdim + chunks - 1) / chunks;
     const int64_t row_blocks = (p.m + kBlockRows - 1) / kBlockRows;
     ettin::ParallelFor(pool, row_blocks, [&](int64_t task, int) {
       const int64_t r0 = task * kBlockRows, r1 = std::min(p.m, r0 + kBlockRows);
-      ettin::Floats apack = ettin::Alloc(kBlockRows * kChunk);
-      p.Block(r0, r1, 0, p.n, 0, p.kdim, p.c, panels.get(), apack.get(), nullptr);
+      ettin::Floats apack = ettin::Alloc(kBlockRows * chunk);
+      p.Block(r0, r1, 0, p.n, 0, p.kdim, chunk, p.c, panels.get(), apack.get(), nullptr);
     });
   });
 }
