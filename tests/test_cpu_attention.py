@@ -52,6 +52,25 @@ def test_equals_the_reference_with_gradients(band, d):
 
 
 @needs_kernel
+@pytest.mark.parametrize("band", [(None, None), (None, 0), (64, 64)], ids=["global", "causal", "local"])
+def test_long_rows_equal_the_reference(band):
+    """Rows longer than the forward's 512-key step: its online softmax across steps, a row whose one document
+    fills it (every block all visible, no masks computed), and in the other a second document from position 600,
+    whose queries see nothing in the first step."""
+    t = 1088
+    k = jax.random.split(jax.random.key(3), 2)
+    qkv = jax.random.normal(k[0], (2, t, 3, 1, D))
+    do = jax.random.normal(k[1], (2, t, 1, D))
+    seg = jnp.stack([jnp.ones(t), jnp.where(jnp.arange(t) < 600, 1, 2)]).astype(jnp.int32)
+    positions = jnp.stack([jnp.arange(t), jnp.where(jnp.arange(t) < 600, jnp.arange(t), jnp.arange(t) - 600)])
+    cos, sin = model.rope_tables(positions, D, 10_000.0)
+    (o, grad), (ref_o, ref_grad) = _both(qkv, cos, sin, do, seg, band)
+    np.testing.assert_allclose(o, ref_o, atol=2e-6, rtol=0)
+    scale = float(jnp.max(jnp.abs(ref_grad)))
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-6 * scale, rtol=0)
+
+
+@needs_kernel
 def test_a_nan_stays_in_the_rows_that_see_it():
     """A NaN in one query's features: that query's output is NaN and nothing else's (as the reference); a NaN in
     one key: the outputs of the queries that see it are NaN."""

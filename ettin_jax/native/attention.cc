@@ -8,8 +8,10 @@
 // (as attention.visible). Each (batch, head) is one task on the calling thread and XLA's intra-op pool; its rows
 // are packed contiguous first ([T, D], rotated; K^T and V^T as [D, T]) so that every product below is one
 // register-tiled kernel over 64 x 64 blocks that stay in L1/L2:
-//   forward, per query block and each key block its band reaches: S = Q K^T, the online softmax on S in place
-//     (row max, rescale, exp, row sum), O += P V; then O / l and lse = m + log l per row.
+//   forward, per query block (64 rows; 32 for a band bounded on both sides) and the keys its band reaches (in
+//     multiples of 32), in steps of up to 512 keys: S = Q K^T, the online softmax on S in place (row max,
+//     rescale, exp, row sum; no masks computed where the block sees every key of the step), O += P V; then O / l
+//     and lse = m + log l per row.
 //   backward, per key block and each query block that reaches it: S = Q K^T, P = exp(S * scale - lse),
 //     dP = dO V^T, dS = P (dP - delta) (delta = rowsum(dO * O)), dV += P^T dO, dK += dS^T Q, dQ += dS K (dQ for
 //     the whole row kept by the task: no two tasks write the same gradient); dQ and dK are rotated back (the
@@ -35,7 +37,8 @@ namespace ettin_attn {
 using ettin::Alloc;
 using ettin::Floats;
 
-constexpr int64_t kBlock = 64;  // query and key rows per block
+constexpr int64_t kBlock = 64;  // query and key rows per block (the forward's window layers: 32 query rows)
+constexpr int64_t kKeys = 512;  // the forward's keys per step of its online softmax
 
 struct Problem {
   int64_t b, t, h, d, back, ahead;  // back / ahead < 0: unbounded
@@ -139,62 +142,92 @@ inline void Unrotate(const Problem& pb, const float* g, const float* c, const fl
   }
 }
 
+// Whether every query of [q0, q1) sees every key of [k0, k1): one segment and the band around all of them.
+inline bool AllVisible(const Problem& pb, const int32_t* seg, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+  if (pb.back >= 0 && k0 < q1 - 1 - pb.back) return false;
+  if (pb.ahead >= 0 && k1 - 1 > q0 + pb.ahead) return false;
+  const int32_t s0 = seg[q0];
+  for (int64_t i = q0; i < q1; ++i)
+    if (seg[i] != s0) return false;
+  for (int64_t j = k0; j < k1; ++j)
+    if (seg[j] != s0) return false;
+  return true;
+}
+
 void Forward(const Problem& pb, int64_t bh, const float* qkv, float* o, float* lse) {
   const int64_t t = pb.t, d = pb.d, base = pb.Base(bh), hd = pb.h * d;
   const float* q = qkv + pb.QkvBase(bh);
   const float *c = pb.Table(pb.cos, bh), *sn = pb.Table(pb.sin, bh);
   const int32_t* seg = pb.seg + (bh / pb.h) * t;
-  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), s = Alloc(kBlock * kBlock),
-         acc = Alloc(kBlock * d), m = Alloc(kBlock), l = Alloc(kBlock);
+  // A band bounded on both sides (the encoder's windows) takes 32-row query blocks: their keys, rounded out to
+  // multiples of 32, are 160 for a +-64 window where 64-row blocks would take 192.
+  const int64_t qblock = pb.back >= 0 && pb.ahead >= 0 ? 32 : kBlock;
+  Floats qp = Alloc(t * d), kp = Alloc(t * d), kt = Alloc(d * t), vp = Alloc(t * d), s = Alloc(qblock * kKeys),
+         acc = Alloc(qblock * d), m = Alloc(qblock), l = Alloc(qblock);
   Pack(pb, q, pb.QkvRow(), c, sn, qp.get(), nullptr);
   Pack(pb, q + hd, pb.QkvRow(), c, sn, kp.get(), kt.get());
   Pack(pb, q + 2 * hd, pb.QkvRow(), nullptr, nullptr, vp.get(), nullptr);
   const __m512 scale = _mm512_set1_ps(pb.scale), neg_inf = _mm512_set1_ps(-INFINITY);
-  for (int64_t qb = 0; qb < t / kBlock; ++qb) {
-    const int64_t q0 = qb * kBlock;
-    std::fill(acc.get(), acc.get() + kBlock * d, 0.f);
-    std::fill(m.get(), m.get() + kBlock, -INFINITY);
-    std::fill(l.get(), l.get() + kBlock, 0.f);
-    int64_t first, last;
-    KeyBlocks(pb, qb, &first, &last);
-    for (int64_t kb = first; kb <= last; ++kb) {
-      const int64_t k0 = kb * kBlock;
-      Gemm(kBlock, kBlock, d, qp.get() + q0 * d, d, 1, kt.get() + k0, t, s.get(), kBlock, false);
-      for (int64_t i = 0; i < kBlock; ++i) {
-        float* row = s.get() + i * kBlock;
-        __mmask16 ok[kBlock / 16];
+  for (int64_t q0 = 0; q0 < t; q0 += qblock) {
+    const int64_t q1 = q0 + qblock;
+    // The keys any of these queries may see, rounded out to multiples of 32, in chunks of up to kKeys: per chunk
+    // S = Q K^T, the online softmax on S in place (row max, rescale, exp, row sum), O += P V.
+    const int64_t kbegin = pb.back < 0 ? 0 : std::max<int64_t>(0, (q0 - pb.back) / 32 * 32);
+    const int64_t kend = pb.ahead < 0 ? t : std::min<int64_t>(t, (q1 - 1 + pb.ahead + 32) / 32 * 32);
+    std::fill(m.get(), m.get() + qblock, -INFINITY);
+    std::fill(l.get(), l.get() + qblock, 0.f);
+    for (int64_t k0 = kbegin; k0 < kend; k0 += kKeys) {
+      const int64_t n = std::min(kKeys, kend - k0);
+      const bool all = AllVisible(pb, seg, q0, q1, k0, k0 + n);
+      Gemm(qblock, n, d, qp.get() + q0 * d, d, 1, kt.get() + k0, t, s.get(), n, false);
+      for (int64_t i = 0; i < qblock; ++i) {
+        float* row = s.get() + i * n;
+        __mmask16 ok[kKeys / 16], nan = 0;
         __m512 mx = neg_inf;
-        for (int c = 0; c < kBlock / 16; ++c) {
-          ok[c] = Visible(pb, seg, q0 + i, k0 + 16 * c);
-          const __m512 x = _mm512_mask_mul_ps(neg_inf, ok[c], _mm512_loadu_ps(row + 16 * c), scale);
-          _mm512_storeu_ps(row + 16 * c, x);
-          mx = _mm512_max_ps(mx, x);
+        if (all) {
+          for (int64_t j = 0; j < n; j += 16) {
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), scale);
+            _mm512_storeu_ps(row + j, x);
+            mx = _mm512_max_ps(mx, x);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+          }
+        } else {
+          for (int64_t j = 0; j < n; j += 16) {
+            ok[j / 16] = Visible(pb, seg, q0 + i, k0 + j);
+            const __m512 x = _mm512_mask_mul_ps(neg_inf, ok[j / 16], _mm512_loadu_ps(row + j), scale);
+            _mm512_storeu_ps(row + j, x);
+            mx = _mm512_max_ps(mx, x);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+          }
         }
-        const float bm = _mm512_reduce_max_ps(mx);
+        // (max_ps drops a NaN met after a larger or masked score: NaNs are tracked on their own)
+        const float bm = nan ? NAN : _mm512_reduce_max_ps(mx);
         const float mnew = bm > m[i] || std::isnan(bm) ? bm : m[i];  // a NaN score makes the row NaN
         if (mnew == -INFINITY) {  // nothing visible yet in this row: P = 0
-          std::fill(row, row + kBlock, 0.f);
+          std::fill(row, row + n, 0.f);
           continue;
         }
         const __m512 mv = _mm512_set1_ps(mnew);
         __m512 sum = _mm512_setzero_ps();
-        for (int c = 0; c < kBlock / 16; ++c) {
-          const __m512 p = _mm512_maskz_mov_ps(ok[c], ettin::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + 16 * c), mv)));
-          _mm512_storeu_ps(row + 16 * c, p);
+        for (int64_t j = 0; j < n; j += 16) {
+          // masked scores are -inf: exp gives ~1e-38 there (ettin::Exp), so they are zeroed where not all visible
+          __m512 p = ettin::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + j), mv));
+          if (!all) p = _mm512_maskz_mov_ps(ok[j / 16], p);
+          _mm512_storeu_ps(row + j, p);
           sum = _mm512_add_ps(sum, p);
         }
-        const float alpha = std::exp(m[i] - mnew);  // 0 for the row's first visible block
+        const float alpha = std::exp(m[i] - mnew);  // 0 for the row's first visible chunk
         l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
         m[i] = mnew;
-        if (alpha != 1.f) {
+        if (k0 > kbegin && alpha != 1.f) {  // (the first chunk's product overwrites acc)
           const __m512 a = _mm512_set1_ps(alpha);
           for (int64_t j = 0; j < d; j += 16)
             _mm512_storeu_ps(acc.get() + i * d + j, _mm512_mul_ps(a, _mm512_loadu_ps(acc.get() + i * d + j)));
         }
       }
-      Gemm(kBlock, d, kBlock, s.get(), kBlock, 1, vp.get() + k0 * d, d, acc.get(), d, true);
+      Gemm(qblock, d, n, s.get(), n, 1, vp.get() + k0 * d, d, acc.get(), d, k0 > kbegin);
     }
-    for (int64_t i = 0; i < kBlock; ++i) {
+    for (int64_t i = 0; i < qblock; ++i) {
       const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
       float* out = o + base + (q0 + i) * pb.Row();
       for (int64_t j = 0; j < d; ++j) out[j] = acc[i * d + j] * inv;
