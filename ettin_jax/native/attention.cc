@@ -110,8 +110,37 @@ inline void QueryBlocks(const Problem& pb, int64_t kb, int64_t* first, int64_t* 
   *last = pb.back < 0 ? nb - 1 : std::min<int64_t>(nb - 1, (k1 + pb.back) / kBlock);
 }
 
+// dst[j * ds + i] = src[i * ss + j] for a 16 x 16 block
+inline void Transpose16(const float* src, int64_t ss, float* dst, int64_t ds) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ss);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ds, r[j]);
+}
 // The [T, D] rows of one (batch, head) at x (token stride `row`), packed contiguous; optionally rotated by the
 // RoPE tables c, s [T, D] first (model.apply_rope: x cos + rotate_half(x) sin); optionally also transposed, [D, T].
+// (D is a multiple of 32 and T of 64, checked: whole vectors and 16 x 16 blocks.)
 inline void Pack(const Problem& pb, const float* x, int64_t row, const float* c, const float* s, float* out,
                  float* out_t) {
   const int64_t t = pb.t, d = pb.d, half = d / 2;
@@ -122,13 +151,18 @@ inline void Pack(const Problem& pb, const float* x, int64_t row, const float* c,
       std::memcpy(oi, xi, sizeof(float) * d);
     } else {
       const float *ci = c + i * d, *si = s + i * d;
-      for (int64_t j = 0; j < half; ++j) oi[j] = xi[j] * ci[j] + (-xi[j + half]) * si[j];
-      for (int64_t j = half; j < d; ++j) oi[j] = xi[j] * ci[j] + xi[j - half] * si[j];
+      for (int64_t j = 0; j < half; j += 16) {
+        const __m512 lo = _mm512_loadu_ps(xi + j), hi = _mm512_loadu_ps(xi + j + half);
+        _mm512_storeu_ps(oi + j, _mm512_fnmadd_ps(hi, _mm512_loadu_ps(si + j),
+                                                  _mm512_mul_ps(lo, _mm512_loadu_ps(ci + j))));
+        _mm512_storeu_ps(oi + j + half, _mm512_fmadd_ps(lo, _mm512_loadu_ps(si + j + half),
+                                                        _mm512_mul_ps(hi, _mm512_loadu_ps(ci + j + half))));
+      }
     }
   }
   if (out_t != nullptr)
-    for (int64_t i = 0; i < t; ++i)
-      for (int64_t j = 0; j < d; ++j) out_t[j * t + i] = out[i * d + j];
+    for (int64_t i = 0; i < t; i += 16)
+      for (int64_t j = 0; j < d; j += 16) Transpose16(out + i * d + j, d, out_t + j * t + i, t);
 }
 
 // g [T, D] (the gradient of rotated rows) rotated back, the transpose of RoPE, into x (token stride `row`).
