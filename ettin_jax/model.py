@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import cpu_attention, cpu_dots, cpu_gemm
+from ettin_jax import cpu_attention, cpu_dots, cpu_gemm, cpu_norm
 
 Array = jax.Array
 
@@ -150,6 +150,8 @@ def _weighted_row_sum(a: Array, w: Array) -> Array:
 
 
 def _layer_norm(x: Array, scale: Array, eps: float, dtype):
+    if cpu_norm.usable(x, scale, dtype):  # fp32 on one AVX-512 CPU device: one native pass
+        return cpu_norm.layer_norm(x, scale, eps)
     xf = x.astype(jnp.float32)
     mean = _row_mean(xf)
     rstd = jax.lax.rsqrt(_row_mean(jnp.square(xf - mean)) + eps)

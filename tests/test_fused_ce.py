@@ -124,10 +124,11 @@ def test_an_fp32_train_step_on_one_device_uses_the_kernel_and_nothing_else_does(
 
 @pytest.mark.slow
 def test_training_runs_without_the_kernels(tmp_path):
-    """No compiler, or ETTIN_JAX_NATIVE=0: the native CE, attention and gemm are unavailable and an fp32 train step
+    """No compiler, or ETTIN_JAX_NATIVE=0: the native CE, attention, gemm and norm are unavailable and an fp32 train step
     on one device takes the XLA paths (on any CPU, with or without AVX-512)."""
-    code = ("import jax, jax.numpy as jnp; from ettin_jax import cpu_attention, cpu_gemm, fused_ce, model, objectives,"
-            " sizes; print('available', fused_ce.available() or cpu_attention.available() or cpu_gemm.available());"
+    code = ("import jax, jax.numpy as jnp; from ettin_jax import cpu_attention, cpu_gemm, cpu_norm, fused_ce, model,"
+            " objectives, sizes; print('available', fused_ce.available() or cpu_attention.available() or "
+            "cpu_gemm.available() or cpu_norm.available());"
             "cfg = sizes.model_config('17m').replace(num_layers=1, vocab_size=300, hidden_size=64, "
             "intermediate_size=96, num_heads=2);"
             "p = model.init_params(cfg, jax.random.key(0)); t = jnp.arange(256).reshape(1, 256) % 290 + 5;"
@@ -135,7 +136,7 @@ def test_training_runs_without_the_kernels(tmp_path):
             "f = jax.jit(jax.value_and_grad(lambda p: objectives.loss_fn(p, b, model=model.Ettin(cfg), "
             "objective=objectives.get_objective('clm'))[0]));"
             "hlo = f.lower(p).as_text(); print('custom call', any(n in hlo for n in (fused_ce.TARGET, "
-            "cpu_attention.FORWARD, cpu_gemm.TARGET)));"
+            "cpu_attention.FORWARD, cpu_gemm.TARGET, cpu_norm.TARGET)));"
             "print('loss', float(f(p)[0]))")
 
     def run_with(tmp, **env):
