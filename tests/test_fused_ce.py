@@ -124,8 +124,8 @@ def test_an_fp32_train_step_on_one_device_uses_the_kernel_and_nothing_else_does(
 
 @pytest.mark.slow
 def test_training_runs_without_the_kernels(tmp_path):
-    """No compiler, or ETTIN_JAX_NATIVE=0: the native CE, attention, gemm and norm are unavailable and an fp32 train step
-    on one device takes the XLA paths (on any CPU, with or without AVX-512)."""
+    """No compiler, or ETTIN_JAX_NATIVE=0: the native CE, attention, gemm and norm are unavailable and an fp32 train
+    step on one device takes the XLA paths (on any CPU, with or without AVX-512)."""
     code = ("import jax, jax.numpy as jnp; from ettin_jax import cpu_attention, cpu_gemm, cpu_norm, fused_ce, model,"
             " objectives, sizes; print('available', fused_ce.available() or cpu_attention.available() or "
             "cpu_gemm.available() or cpu_norm.available());"

@@ -13,8 +13,8 @@
 // into C. Forms 0 and 1: tasks (on the calling thread and XLA's intra-op pool) are blocks of kBlockRows rows, and
 // B, the weight, is packed once for all of them; with the reduction in one chunk each C tile is written once, and
 // the B panel (up to 144 KB) and the block's packed rows (up to 216 KB) stay in L2. Form 2: the reduction (the
-// tokens) is split into kGroups fixed runs, each summed into its own buffer, then added in order. Every C element is summed in one fixed order, whatever
-// thread computes it: the result does not depend on scheduling.
+// tokens) is split into kGroups fixed runs, each summed into its own buffer, then added in order. Every C element
+// is summed in one fixed order, whatever thread computes it: the result does not depend on scheduling.
 // Requirements (checked): N (form 0, 2) or K (form 1), the output's columns, a multiple of 32.
 #if !defined(__AVX512F__)
 #error "gemm.cc needs AVX-512 (ettin_jax/cpu_gemm.py checks the CPU before building it)"
@@ -118,8 +118,8 @@ struct Product {
   }
 
   // out rows [r0, r1) x columns [c0, c1) (out: C's layout, row stride ldc) = the sum over reduction entries
-  // [k_begin, k_end), in chunks of `chunk`; per chunk the rows are packed once and each panel of B packed once (or taken from
-  // `panels`, all of B packed as [n / 32][kdim][32]), then every sliver runs against it.
+  // [k_begin, k_end), in chunks of `chunk`; per chunk the rows are packed once and each panel of B packed once (or
+  // taken from `panels`, all of B packed as [n / 32][kdim][32]), then every sliver runs against it.
   void Block(int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t k_begin, int64_t k_end, int64_t chunk,
              float* out, const float* panels, float* apack, float* bpack) const {
     const int64_t slivers = (r1 - r0 + kRows - 1) / kRows;
