@@ -80,6 +80,7 @@ def _hlo(cfg, devices):
         return fn.lower(params).as_text()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_an_fp32_model_on_one_device_uses_it_and_nothing_else_does():
     """Every norm of a tiny fp32 model on one device (the embedding's, two a layer, the final one); not on two
