@@ -96,13 +96,6 @@ inline __mmask16 Visible(const Problem& pb, const int32_t* seg, int64_t qi, int6
   return ok;
 }
 
-// The key blocks query block qb reaches, [first, last].
-inline void KeyBlocks(const Problem& pb, int64_t qb, int64_t* first, int64_t* last) {
-  const int64_t nb = pb.t / kBlock, q0 = qb * kBlock, q1 = q0 + kBlock - 1;
-  *first = pb.back < 0 ? 0 : std::max<int64_t>(0, (q0 - pb.back) / kBlock);
-  *last = pb.ahead < 0 ? nb - 1 : std::min<int64_t>(nb - 1, (q1 + pb.ahead) / kBlock);
-}
-
 // The query blocks that reach key block kb, [first, last].
 inline void QueryBlocks(const Problem& pb, int64_t kb, int64_t* first, int64_t* last) {
   const int64_t nb = pb.t / kBlock, k0 = kb * kBlock, k1 = k0 + kBlock - 1;
@@ -218,21 +211,12 @@ void Forward(const Problem& pb, int64_t bh, const float* qkv, float* o, float* l
         float* row = s.get() + i * n;
         __mmask16 ok[kKeys / 16], nan = 0;
         __m512 mx = neg_inf;
-        if (all) {
-          for (int64_t j = 0; j < n; j += 16) {
-            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), scale);
-            _mm512_storeu_ps(row + j, x);
-            mx = _mm512_max_ps(mx, x);
-            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-          }
-        } else {
-          for (int64_t j = 0; j < n; j += 16) {
-            ok[j / 16] = Visible(pb, seg, q0 + i, k0 + j);
-            const __m512 x = _mm512_mask_mul_ps(neg_inf, ok[j / 16], _mm512_loadu_ps(row + j), scale);
-            _mm512_storeu_ps(row + j, x);
-            mx = _mm512_max_ps(mx, x);
-            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-          }
+        for (int64_t j = 0; j < n; j += 16) {
+          ok[j / 16] = all ? __mmask16(0xffff) : Visible(pb, seg, q0 + i, k0 + j);
+          const __m512 x = _mm512_mask_mul_ps(neg_inf, ok[j / 16], _mm512_loadu_ps(row + j), scale);
+          _mm512_storeu_ps(row + j, x);
+          mx = _mm512_max_ps(mx, x);
+          nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
         }
         // (max_ps drops a NaN met after a larger or masked score: NaNs are tracked on their own)
         const float bm = nan ? NAN : _mm512_reduce_max_ps(mx);
@@ -244,9 +228,8 @@ void Forward(const Problem& pb, int64_t bh, const float* qkv, float* o, float* l
         const __m512 mv = _mm512_set1_ps(mnew);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-          // masked scores are -inf: exp gives ~1e-38 there (ettin::Exp), so they are zeroed where not all visible
-          __m512 p = ettin::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + j), mv));
-          if (!all) p = _mm512_maskz_mov_ps(ok[j / 16], p);
+          // masked scores are -inf: exp gives ~1e-38 there (ettin::Exp), so they are zeroed
+          const __m512 p = _mm512_maskz_mov_ps(ok[j / 16], ettin::Exp(_mm512_sub_ps(_mm512_loadu_ps(row + j), mv)));
           _mm512_storeu_ps(row + j, p);
           sum = _mm512_add_ps(sum, p);
         }
