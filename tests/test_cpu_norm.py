@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import cpu_dots, cpu_norm, model, objectives, sizes
+from ettin_jax import cpu_dots, cpu_norm, model, sizes
+from tests.test_cpu_gemm import _hlo  # a tiny model's CLM gradient, lowered on a mesh of the given devices
 
 needs_kernel = pytest.mark.skipif("avx512f" not in cpu_dots.cpu_flags(), reason="the native norm needs AVX-512")
 
@@ -70,16 +71,6 @@ def test_bad_shapes_get_a_clear_error():
                                                                     eps=np.float32(1e-5)))
 
 
-def _hlo(cfg, devices):
-    params = model.init_params(cfg, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 64), 5, cfg.vocab_size)
-    batch = dict(tokens=tokens, segment_ids=jnp.ones_like(tokens), positions=jnp.broadcast_to(jnp.arange(64), (2, 64)))
-    fn = jax.jit(jax.grad(lambda p: objectives.loss_fn(p, batch, model=model.Ettin(cfg),
-                                                       objective=objectives.get_objective("clm"))[0]))
-    with jax.set_mesh(jax.make_mesh((len(devices),), ("data",), devices=devices)):
-        return fn.lower(params).as_text()
-
-
 @pytest.mark.slow
 @needs_kernel
 def test_an_fp32_model_on_one_device_uses_it_and_nothing_else_does():
@@ -88,7 +79,7 @@ def test_an_fp32_model_on_one_device_uses_it_and_nothing_else_does():
     cfg = sizes.model_config("17m").replace(num_layers=2, vocab_size=300, hidden_size=64, intermediate_size=96,
                                             num_heads=2)
     one = jax.devices()[:1]
-    assert _hlo(cfg, one).count(f"@{cpu_norm.TARGET}(") == 1 + 2 * 2 + 1
-    assert cpu_norm.TARGET not in _hlo(cfg, jax.devices()[:2])
-    assert cpu_norm.TARGET not in _hlo(cfg.replace(dtype="bfloat16"), one)
-    assert cpu_norm.TARGET not in _hlo(cfg.replace(hidden_size=72, num_heads=2, intermediate_size=80), one)
+    assert _hlo(cfg, one, t=64).count(f"@{cpu_norm.TARGET}(") == 1 + 2 * 2 + 1
+    assert cpu_norm.TARGET not in _hlo(cfg, jax.devices()[:2], t=64)
+    assert cpu_norm.TARGET not in _hlo(cfg.replace(dtype="bfloat16"), one, t=64)
+    assert cpu_norm.TARGET not in _hlo(cfg.replace(hidden_size=72, num_heads=2, intermediate_size=80), one, t=64)
