@@ -14,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ettin_jax import fused_ce, objectives
+from ettin_jax import objectives
+from ettin_jax.kernels.cpu import fused_ce
 
 
 def main():

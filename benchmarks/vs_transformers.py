@@ -249,7 +249,7 @@ def write_results(path, results, peak, argv, loads, kept):
              "sparse prediction for MLM, torch.set_num_threads(2), its own AdamW step inside the timed train step "
              "(ours: StableAdamW inside the jitted step). Each round times both sides back to back, alternating "
              "which goes first; the figures are medians over all rounds, the ratio is ours / transformers. Host "
-             "allocator, shared by both sides: " + ("glibc keeps freed memory (`ettin_jax.hostmem`: one arena, no "
+             "allocator, shared by both sides: " + ("glibc keeps freed memory (`ettin_jax.kernels.cpu.hostmem`: one arena, no "
              "mmap'd blocks, no trimming; what the `ettin` command sets)" if kept else "glibc's defaults") + ".", "",
              "| workload | ours tok/s | transformers tok/s | ratio | target | met | ours MFU | transformers MFU |",
              "|---|---|---|---|---|---|---|---|"]
@@ -294,11 +294,11 @@ def main():
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"))
     p.add_argument("--heap", choices=("keep", "default"), default="default",
                    help="default: glibc's own settings (as the issue's transformers figures were measured); keep: "
-                        "glibc keeps freed memory (ettin_jax.hostmem, what the `ettin` command sets), for both sides, "
+                        "glibc keeps freed memory (ettin_jax.kernels.cpu.hostmem, what the `ettin` command sets), for both sides, "
                         "which share the process")
     p.add_argument("--_memory", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    from ettin_jax import hostmem
+    from ettin_jax.kernels.cpu import hostmem
     kept = a.heap == "keep" and hostmem.keep_freed_memory()  # before jax or torch start threads
     if a._memory:
         side, name = a._memory.split(":")

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import attention, flops as flops_lib, hostmem, objectives, recipe
+from ettin_jax import attention, flops as flops_lib, objectives, recipe
+from ettin_jax.kernels.cpu import hostmem
 from ettin_jax.data.masking import num_mlm_slots
 from ettin_jax.model import Ettin, ModelConfig, init_params
 

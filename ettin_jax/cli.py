@@ -8,7 +8,7 @@ import sys
 
 from absl import flags
 
-from ettin_jax import hostmem
+from ettin_jax.kernels.cpu import hostmem
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from ettin_jax import attention, cli, hf, screened_argmax
+from ettin_jax import attention, cli, hf
+from ettin_jax.kernels.cpu import screened_argmax
 from ettin_jax.model import Ettin, ModelConfig, init_cache, transpose_for_decoding
 
 # ----------------------------------------------------------------------------------------------------- loading

@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import cpu_attention, cpu_dots, cpu_gemm, cpu_norm
+from ettin_jax.kernels.cpu import attention as cpu_attention
+from ettin_jax.kernels.cpu import dots as cpu_dots
+from ettin_jax.kernels.cpu import gemm as cpu_gemm
+from ettin_jax.kernels.cpu import norm as cpu_norm
 
 Array = jax.Array
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import cpu_dots, fused_ce
+from ettin_jax.kernels.cpu import dots as cpu_dots
+from ettin_jax.kernels.cpu import fused_ce
 from ettin_jax.model import Ettin
 
 

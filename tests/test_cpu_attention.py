@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import attention, cpu_attention, cpu_dots, model, objectives, sizes
+from ettin_jax import attention, model, objectives, sizes
+from ettin_jax.kernels.cpu import attention as cpu_attention
+from ettin_jax.kernels.cpu import dots as cpu_dots
 
 needs_kernel = pytest.mark.skipif("avx512f" not in cpu_dots.cpu_flags(), reason="the native attention needs AVX-512")
 B, T, H, D = 2, 192, 2, 64

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import cpu_dots, model, objectives, sizes
+from ettin_jax import model, objectives, sizes
+from ettin_jax.kernels.cpu import dots as cpu_dots
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's bf16 products")
 

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import cpu_dots, cpu_gemm, model, objectives, sizes
+from ettin_jax import model, objectives, sizes
+from ettin_jax.kernels.cpu import dots as cpu_dots
+from ettin_jax.kernels.cpu import gemm as cpu_gemm
 
 needs_kernel = pytest.mark.skipif("avx512f" not in cpu_dots.cpu_flags(), reason="the native gemm needs AVX-512")
 

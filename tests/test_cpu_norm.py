@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import cpu_dots, cpu_norm, model, sizes
+from ettin_jax import model, sizes
+from ettin_jax.kernels.cpu import dots as cpu_dots
+from ettin_jax.kernels.cpu import norm as cpu_norm
 from tests.test_cpu_gemm import _hlo  # a tiny model's CLM gradient, lowered on a mesh of the given devices
 
 needs_kernel = pytest.mark.skipif("avx512f" not in cpu_dots.cpu_flags(), reason="the native norm needs AVX-512")

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import cpu_dots, fused_ce, model, objectives, sizes
+from ettin_jax import model, objectives, sizes
+from ettin_jax.kernels.cpu import dots as cpu_dots
+from ettin_jax.kernels.cpu import fused_ce
 
 needs_kernel = pytest.mark.skipif("avx512f" not in cpu_dots.cpu_flags(), reason="the native CE needs AVX-512")
 V, H = 1000, 128  # V: tails of every tile (1000 = 3 * 288 + 136; 136 = 11 * 12 + 4 = 22 * 6 + 4)

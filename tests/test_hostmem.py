@@ -1,4 +1,4 @@
-"""ettin_jax.hostmem: glibc keeps freed memory, so a buffer freed and allocated again reuses resident pages."""
+"""ettin_jax.kernels.cpu.hostmem: glibc keeps freed memory, so a buffer freed and allocated again reuses resident pages."""
 import json
 import os
 import subprocess
@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from ettin_jax import hostmem
+from ettin_jax.kernels.cpu import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A thread (as XLA's are) allocates, writes and frees 64 MiB three times; prints the page faults of each round.
 CHILD = r"""
 import ctypes, json, resource, threading
-from ettin_jax import hostmem
+from ettin_jax.kernels.cpu import hostmem
 applied = hostmem.keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)

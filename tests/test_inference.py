@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from ettin_jax import attention, inference, screened_argmax
+from ettin_jax import attention, inference
+from ettin_jax.kernels.cpu import screened_argmax
 from ettin_jax.model import Ettin, init_cache
 
 SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import native_build, screened_argmax
+from ettin_jax.kernels.cpu import build as native_build
+from ettin_jax.kernels.cpu import screened_argmax
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs a C++ compiler (g++) to build the handler")
 

@@ -13,28 +13,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import native_build
+from ettin_jax.kernels.cpu import build
 
 TARGET = "ettin_layer_norm"
 
 
 def available() -> bool:
     """Whether the handler is built and registered for this process's CPU (decided once per process)."""
-    return native_build.register("layer_norm", ((TARGET, "LayerNorm"),), cpu_flag="avx512f")
+    return build.register("layer_norm", ((TARGET, "LayerNorm"),), cpu_flag="avx512f")
 
 
 def usable(x, scale, dtype) -> bool:
     """Whether `layer_norm` applies to x [..., H] with scale [H] and output dtype here (decided at trace time)."""
     return (x.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32 and scale.dtype == jnp.float32
             and x.ndim >= 1 and x.shape[-1] % 16 == 0 and x.shape[-1] > 0 and scale.shape == (x.shape[-1],)
-            and native_build.one_device() and native_build.enabled() and available())
+            and build.one_device() and build.enabled() and available())
 
 
 def layer_norm(x, scale, eps: float):
     """(y, mean, rstd) of x [..., H]: y = (x - mean) * rstd * scale, mean and rstd [..., 1]."""
     if not available():
         raise RuntimeError("the native layer norm is not available here (needs an AVX-512 CPU and g++; see the "
-                           "logged warning); check cpu_norm.usable() first")
+                           "logged warning); check norm.usable() first")
     lead, h = x.shape[:-1], x.shape[-1]
     rows = int(np.prod(lead)) if lead else 1
     out = (jax.ShapeDtypeStruct((rows, h), jnp.float32), jax.ShapeDtypeStruct((rows, 1), jnp.float32),

@@ -20,21 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import native_build
+from ettin_jax.kernels.cpu import build
 
 FORWARD, BACKWARD = "ettin_attention_fwd", "ettin_attention_bwd"
 
 
 def available() -> bool:
     """Whether the handlers are built and registered for this process's CPU (decided once per process)."""
-    return native_build.register("attention", ((FORWARD, "AttentionForward"), (BACKWARD, "AttentionBackward")),
+    return build.register("attention", ((FORWARD, "AttentionForward"), (BACKWARD, "AttentionBackward")),
                                  cpu_flag="avx512f")
 
 
 def usable(qkv) -> bool:
     """Whether `attention` applies to qkv [B, T, 3, H, D] here (decided at trace time)."""
     return (qkv.dtype == jnp.float32 and qkv.ndim == 5 and qkv.shape[2] == 3 and qkv.shape[1] % 64 == 0
-            and qkv.shape[1] > 0 and qkv.shape[4] % 32 == 0 and native_build.one_device() and native_build.enabled()
+            and qkv.shape[1] > 0 and qkv.shape[4] % 32 == 0 and build.one_device() and build.enabled()
             and available())
 
 
@@ -54,7 +54,7 @@ def attention(qkv, cos, sin, segment_ids, band):
 def _forward(qkv, cos, sin, segment_ids, band):
     if not available():
         raise RuntimeError("the native attention is not available here (needs an AVX-512 CPU and g++; see the "
-                           "logged warning); check cpu_attention.usable() first")
+                           "logged warning); check attention.usable() first")
     b, t, _, h, d = qkv.shape
     out = (jax.ShapeDtypeStruct((b, t, h, d), jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
     seg, cos, sin = segment_ids.astype(jnp.int32), cos.astype(jnp.float32), sin.astype(jnp.float32)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ettin_jax import native_build
+from ettin_jax.kernels.cpu import build
 
 TARGET, PREPARE = "ettin_screened_argmax", "ettin_screen_prepare"
 
 
 def available() -> bool:
     """Whether the handler is built and registered for this process's CPU backend (decided once per process)."""
-    return native_build.register("screened_argmax", ((TARGET, "ScreenedArgmax"), (PREPARE, "ScreenPrepare")))
+    return build.register("screened_argmax", ((TARGET, "ScreenedArgmax"), (PREPARE, "ScreenPrepare")))
 
 
 def _require():

@@ -21,7 +21,7 @@ from typing import Optional
 
 import jax
 
-from ettin_jax import cpu_dots
+from ettin_jax.kernels.cpu import dots
 
 FOLDER = os.path.join(os.path.dirname(__file__), "native")
 
@@ -39,7 +39,7 @@ def one_device() -> bool:
 
 
 def _cpu_key() -> str:
-    return platform.machine() + " ".join(sorted(cpu_dots.cpu_flags()))
+    return platform.machine() + " ".join(sorted(dots.cpu_flags()))
 
 
 def build(name: str) -> Optional[str]:
@@ -79,7 +79,7 @@ def register(name: str, targets: tuple[tuple[str, str], ...], cpu_flag: Optional
     """Builds native/<name>.cc and registers its handlers, (FFI target, exported symbol) pairs, for the CPU backend;
     False (decided once per process) where native handlers are off, the CPU lacks `cpu_flag` (as /proc/cpuinfo
     names it; nothing is built then), or the build or load failed."""
-    if not enabled() or (cpu_flag is not None and cpu_flag not in cpu_dots.cpu_flags()):
+    if not enabled() or (cpu_flag is not None and cpu_flag not in dots.cpu_flags()):
         return False
     path = build(name)
     if path is None:

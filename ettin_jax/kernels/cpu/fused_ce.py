@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ettin_jax import native_build
+from ettin_jax.kernels.cpu import build
 
 TARGET = "ettin_fused_ce"
 ROWS = 32  # the kernel's row multiple: callers' rows are padded with weight-0 rows
@@ -26,13 +26,13 @@ ROWS = 32  # the kernel's row multiple: callers' rows are padded with weight-0 r
 
 def available() -> bool:
     """Whether the handler is built and registered for this process's CPU (decided once per process)."""
-    return native_build.register("fused_ce", ((TARGET, "FusedCe"),), cpu_flag="avx512f")
+    return build.register("fused_ce", ((TARGET, "FusedCe"),), cpu_flag="avx512f")
 
 
 def usable(x, embedding, bias) -> bool:
     """Whether `cross_entropy` applies to these operands here (decided at trace time)."""
     return (all(a.dtype == jnp.float32 for a in (x, embedding, bias)) and x.ndim == 2 and x.shape[1] % 64 == 0
-            and x.shape[0] > 0 and native_build.one_device() and native_build.enabled() and available())
+            and x.shape[0] > 0 and build.one_device() and build.enabled() and available())
 
 
 def cross_entropy(x, embedding, bias, labels, weights):

@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ettin_jax import native_build
+from ettin_jax.kernels.cpu import build
 
 TARGET = "ettin_gemm"
 
 
 def available() -> bool:
     """Whether the handler is built and registered for this process's CPU (decided once per process)."""
-    return native_build.register("gemm", ((TARGET, "Gemm"),), cpu_flag="avx512f")
+    return build.register("gemm", ((TARGET, "Gemm"),), cpu_flag="avx512f")
 
 
 MIN_ROWS = 256  # fewer rows (decoding, short prompts): the weight's packing would cost more than it saves
@@ -37,7 +37,7 @@ def usable(x, kernel) -> bool:
     """Whether `dense` applies to x [..., K] and kernel [K, N] here (decided at trace time)."""
     return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.ndim == 2 and x.ndim >= 1
             and x.shape[-1] == kernel.shape[0] and kernel.shape[0] % 32 == 0 and kernel.shape[1] % 32 == 0
-            and x.size // max(x.shape[-1], 1) >= MIN_ROWS and native_build.one_device() and native_build.enabled()
+            and x.size // max(x.shape[-1], 1) >= MIN_ROWS and build.one_device() and build.enabled()
             and available())
 
 
@@ -45,7 +45,7 @@ def product(lhs, rhs, form: int):
     """The fp32 product of two matrices: form 0 lhs rhs, 1 lhs rhs^T, 2 lhs^T rhs."""
     if not available():
         raise RuntimeError("the native gemm is not available here (needs an AVX-512 CPU and g++; see the logged "
-                           "warning); check cpu_gemm.usable() first")
+                           "warning); check gemm.usable() first")
     rows = {0: lhs.shape[0], 1: lhs.shape[0], 2: lhs.shape[1]}[form]
     cols = {0: rhs.shape[1], 1: rhs.shape[0], 2: rhs.shape[1]}[form]
     out = jax.ShapeDtypeStruct((rows, cols), jnp.float32)
