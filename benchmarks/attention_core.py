@@ -4,7 +4,7 @@
 
 einsum: einsums over [B, T, H, D] + where + jax.nn.softmax (ettin_jax's core before commit 1150b86); reference:
 `attention.reference_attention` (heads-major, softmax normalised after the PV product; the CPU path from 1150b86 to
-a98da94, now the ground truth and the KV-cache path); tiled: `attention.tiled_attention`, the CPU path of every layer
+a98da94, now the ground truth and the KV-cache path); tiled: `xla_attention.tiled_attention`, the CPU path of every layer
 since a98da94 (cache-sized tiles); bias: heads-major with an additive mask; dpa_*: jax.nn.dot_product_attention
 (XLA). Forward only; the tiled core's backward is where it gains most (docs/perf.md). Figures: benchmarks/RESULTS.md, "Where our time goes".
 """
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention
+from ettin_jax.kernels import xla_attention
 B, T, H, D = 8, 512, 12, 64
 kq, kk, kv = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(x, (B, T, H, D)) for x in (kq, kk, kv))
@@ -29,7 +30,7 @@ def einsum(q, k, v, seg):
 def shipped(q, k, v, seg):
     return attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=(None, None))
 def tiled(q, k, v, seg):
-    return attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=(None, None))
+    return xla_attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=(None, None))
 def bias(q, k, v, seg):
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     b = jnp.where(seg[:, :, None] == seg[:, None, :], 0.0, -1e30)[:, None]

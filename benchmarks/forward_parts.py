@@ -8,7 +8,7 @@ skipped; no_attention: the attention op returns v. The parts are swapped by monk
 measurement, not a model. Figures: benchmarks/RESULTS.md, "Where our time goes".
 """
 import sys, time, jax, jax.numpy as jnp
-from ettin_jax import sizes, model, attention
+from ettin_jax import sizes, model, attention, kernels
 from ettin_jax.model import Ettin
 variant = sys.argv[1]
 cfg = sizes.model_config("150m")
@@ -20,7 +20,7 @@ if variant == "tanh_gelu":
     orig = jax.nn.gelu
     jax.nn.gelu = lambda x, approximate=False: orig(x, approximate=True)
 if variant == "no_attention":
-    attention.self_attention = lambda q, k, v, **kw: v
+    kernels.self_attention = lambda q, k, v, **kw: v
 if variant == "no_rope":
     model.apply_rope = lambda x, cos, sin: x
 params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))

@@ -1,4 +1,4 @@
-"""The decoder cross-entropy's two paths, value and gradients: XLA's chunked one (objectives._decoder_ce_chunks)
+"""The decoder cross-entropy's two paths, value and gradients: XLA's chunked one (cross_entropy._decoder_ce_chunks)
 against the native kernel (ettin_jax/fused_ce.py, native/fused_ce.cc: AVX-512 GEMM tiles with the softmax done
 on cache-resident vocabulary chunks), which fp32 training on an AVX-512 CPU uses.
 
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import objectives
+from ettin_jax.kernels import cross_entropy
 from ettin_jax.kernels.cpu import fused_ce
 
 
@@ -40,7 +41,7 @@ def main():
         return jnp.sum(w * ce), (dx, d_emb, d_bias)
 
     def xla(x, emb, bias):
-        (loss, _, d_emb, d_bias), dx, _ = objectives._decoder_ce_chunks(x, emb, bias, y, w, 512, True)
+        (loss, _, d_emb, d_bias), dx, _ = cross_entropy._decoder_ce_chunks(x, emb, bias, y, w, 512, True)
         return loss, (dx, d_emb, d_bias)
 
     fn, fx = jax.jit(native), jax.jit(xla)

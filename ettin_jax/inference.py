@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from ettin_jax import attention, cli, hf
+from ettin_jax import attention, cli, hf, kernels
 from ettin_jax.kernels.cpu import screened_argmax
 from ettin_jax.model import Ettin, ModelConfig, init_cache, transpose_for_decoding
 
@@ -250,7 +250,7 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
                                temperature=temperature, top_p=top_p, screened=screened)
 
     # CPU only: XLA:CPU streams the transposed Wo kernels faster (measured there); elsewhere the copy costs memory
-    decoding = transpose_for_decoding(params) if jax.default_backend() == "cpu" else params
+    decoding = transpose_for_decoding(params) if kernels.platform() == "cpu" else params
 
     def forward(tokens, cache):
         hidden, cache = model.apply({"params": decoding}, tokens, mask=attention.CAUSAL, cache=cache)

@@ -27,10 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax.kernels.cpu import attention as cpu_attention
-from ettin_jax.kernels.cpu import dots as cpu_dots
-from ettin_jax.kernels.cpu import gemm as cpu_gemm
-from ettin_jax.kernels.cpu import norm as cpu_norm
+from ettin_jax import kernels
 
 Array = jax.Array
 
@@ -58,7 +55,7 @@ class ModelConfig:
     attention_dropout: float = 0.0  # dropout after attention's Wo (Ettin pretraining: 0.1)
     dtype: str = "float32"  # compute dtype; parameters stay float32
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | blocked | chunked | cudnn | splash (attention.self_attention)
+    attention_impl: str = "auto"  # auto | xla | blocked | chunked | cudnn | splash (kernels.self_attention)
     attention_block: int = 64
     remat: str = "none"  # none | full | dots (jax.checkpoint policy per block)
     pad_token_id: int = 50283
@@ -110,19 +107,11 @@ def _init(std: float, names: tuple):
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float):
-    """cos, sin [B, T, head_dim] for the rotate-half (NeoX) layout, in fp32.
-
-    The tables leave through a product with the identity (exact in fp32) so that they are materialised once:
-    otherwise XLA fuses the cheap-looking cos and sin into every consumer and evaluates them per head, per q and k,
-    per layer and again in the backward pass (~16 ms a layer in the 150m forward at 8 x 512 on CPU). XLA:CPU drops
-    an optimization barrier before fusion, so a barrier does not do this.
-    """
+    """cos, sin [B, T, head_dim] for the rotate-half (NeoX) layout, in fp32 (computed once per forward pass)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    eye = jnp.eye(head_dim, dtype=jnp.float32)
-    return (jnp.dot(jnp.cos(emb), eye, precision=jax.lax.Precision.HIGHEST),
-            jnp.dot(jnp.sin(emb), eye, precision=jax.lax.Precision.HIGHEST))
+    return kernels.materialize(jnp.cos(emb)), kernels.materialize(jnp.sin(emb))
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -133,31 +122,13 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def _row_mean(x: Array) -> Array:
-    """Mean over the last axis, [..., 1], in fp32. On CPU as a matrix-vector product: XLA:CPU's reduction fusions
-    hand the statistics on already broadcast to [..., H] (one more [tokens, H] array each, kept for the backward
-    pass), a product's output stays [..., 1]."""
-    if jax.default_backend() != "cpu":
-        return x.mean(-1, keepdims=True)
-    ones = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], jnp.float32)
-    return jnp.dot(x, ones, precision=jax.lax.Precision.HIGHEST)
-
-
-def _weighted_row_sum(a: Array, w: Array) -> Array:
-    """sum_rows w[row] * a[row, :] over every axis but the last ([..., H] and [..., 1] -> [H]), in fp32. On CPU as a
-    vector-matrix product: XLA:CPU reduces over the major axis many times slower than it runs the product."""
-    a2, w1 = a.reshape(-1, a.shape[-1]), w.reshape(-1)
-    if jax.default_backend() != "cpu":
-        return jnp.sum(a2 * w1[:, None], axis=0)
-    return jnp.dot(w1, a2, precision=jax.lax.Precision.HIGHEST)
-
-
 def _layer_norm(x: Array, scale: Array, eps: float, dtype):
-    if cpu_norm.usable(x, scale, dtype):  # fp32 on one AVX-512 CPU device: one native pass
-        return cpu_norm.layer_norm(x, scale, eps)
+    native = kernels.layer_norm_forward(x, scale, eps, dtype)
+    if native is not None:
+        return native
     xf = x.astype(jnp.float32)
-    mean = _row_mean(xf)
-    rstd = jax.lax.rsqrt(_row_mean(jnp.square(xf - mean)) + eps)
+    mean = kernels.row_mean(xf)
+    rstd = jax.lax.rsqrt(kernels.row_mean(jnp.square(xf - mean)) + eps)
     return ((xf - mean) * rstd * scale).astype(dtype), mean, rstd
 
 
@@ -184,10 +155,10 @@ def _layer_norm_bwd(eps, dtype, res, dy):
     x, mean, rstd, scale = res
     xf, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     g = dy * scale
-    mg = _row_mean(g)
-    c = rstd * (_row_mean(g * xf) - mean * mg)
+    mg = kernels.row_mean(g)
+    c = rstd * (kernels.row_mean(g * xf) - mean * mg)
     dx = rstd * (g - mg) - (xf - mean) * (rstd * rstd * c)
-    dscale = _weighted_row_sum(dy * (xf - mean), rstd)
+    dscale = kernels.weighted_row_sum(dy * (xf - mean), rstd)
     return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 
@@ -210,13 +181,10 @@ def _geglu_fwd(h):
 
 
 def _geglu_bwd(h, dy):
-    # GELU(a) = a * Phi(a), GELU'(a) = Phi(a) + a * phi(a). `a` is tied to dy (a + 0 * dy) so that nothing here is
-    # a function of the forward pass alone: XLA would CSE such a term with the forward's erf, or schedule it into
-    # the forward pass, and keep it as a [tokens, I] array per layer until the backward pass (an optimization
-    # barrier does not stop this on XLA:CPU).
+    # GELU(a) = a * Phi(a), GELU'(a) = Phi(a) + a * phi(a), recomputed from h (tied to dy: `kernels.tie`).
     inp, gate = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     dy = dy.astype(jnp.float32)
-    inp = inp + 0.0 * dy
+    inp = kernels.tie(inp, dy)
     cdf = 0.5 * (1.0 + jax.lax.erf(inp * (1.0 / math.sqrt(2.0))))
     pdf = jnp.exp(-0.5 * jnp.square(inp)) * (1.0 / math.sqrt(2.0 * math.pi))
     d_inp = dy * gate * (cdf + inp * pdf)
@@ -262,12 +230,7 @@ class Dense(nn.Module):
             return jax.lax.dot_general(x.astype(self.dtype), kernel_t.astype(self.dtype),
                                        (((x.ndim - 1,), (1,)), ((), ())))
         kernel = self.param("kernel", _init(self.std, self.names), (x.shape[-1], self.features), jnp.float32)
-        x = x.astype(self.dtype)
-        if cpu_dots.enabled(self.dtype):
-            return cpu_dots.dense(x, kernel)
-        if cpu_gemm.usable(x, kernel):  # fp32 x and kernel only
-            return cpu_gemm.dense(x, kernel)
-        return jnp.dot(x, kernel.astype(self.dtype))
+        return kernels.dense(x.astype(self.dtype), kernel)
 
 
 def transpose_for_decoding(params: dict) -> dict:
@@ -288,6 +251,14 @@ def transpose_for_decoding(params: dict) -> dict:
     return flip(params)
 
 
+def split_and_rotate(qkv: Array, cos: Array, sin: Array):
+    """The fused projection's output [B, T, 3, H, D] -> q, k, v [B, T, H, D], RoPE applied to q and k."""
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_heads", None))
+    return q, k, v
+
+
 class Attention(nn.Module):
     config: ModelConfig
     layer: int
@@ -300,20 +271,13 @@ class Attention(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         qkv = Dense(3 * cfg.hidden_size, cfg.init_std, ("embed", "qkv"), dtype, name="Wqkv")(x)
         qkv = qkv.reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
-        if cache is None and cfg.attention_impl == "auto" and cpu_attention.usable(qkv):
-            # fp32 on one device of an AVX-512 CPU: RoPE and attention in one native kernel, from qkv itself
-            o, new_cache = cpu_attention.attention(qkv, cos, sin, segment_ids, band), None
-        else:
-            q, k, v = jnp.split(qkv, 3, axis=2)
-            q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-            q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
-            k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_heads", None))
-            if cache is None:
-                o = attn_lib.self_attention(q, k, v, segment_ids=segment_ids, band=band,
-                                            impl=cfg.attention_impl, block=cfg.attention_block)
-                new_cache = None
-            else:  # incremental decoding: write this step's keys/values into the cache, attend over it
-                o, new_cache = _cached_attention(q, k, v, segment_ids, cache, band, dtype)
+        if cache is None:
+            o = kernels.attention(qkv, cos, sin, segment_ids, band, impl=cfg.attention_impl,
+                                  block=cfg.attention_block, rotate=split_and_rotate)
+            new_cache = None
+        else:  # incremental decoding: write this step's keys/values into the cache, attend over it
+            q, k, v = split_and_rotate(qkv, cos, sin)
+            o, new_cache = _cached_attention(q, k, v, segment_ids, cache, band, dtype)
         o = Dense(cfg.hidden_size, out_std, ("heads", "embed"), dtype, name="Wo")(o.reshape(b, t, -1))
         o = nn.Dropout(cfg.attention_dropout)(o, deterministic=deterministic)
         return o, new_cache
@@ -453,14 +417,8 @@ class Ettin(nn.Module):
 
     def decode(self, features):
         """Tied decoder: features @ tok_embeddings^T + bias, logits in fp32."""
-        if cpu_dots.enabled(self.tok_embeddings.dtype):
-            logits = cpu_dots.decode(features.astype(self.tok_embeddings.dtype), self.tok_embeddings.embedding)
-            return logits + self.decoder_bias
-        emb = self.tok_embeddings.embedding.astype(self.tok_embeddings.dtype)
-        # Contract over the embedding's feature dim directly: `x @ E.T` makes XLA on CPU copy the transposed
-        # V x H table on every call (~100 ms per decode step at 150m).
-        logits = jax.lax.dot_general(features.astype(emb.dtype), emb, (((features.ndim - 1,), (1,)), ((), ())))
-        return logits.astype(jnp.float32) + self.decoder_bias
+        features = features.astype(self.tok_embeddings.dtype)
+        return kernels.tied_logits(features, self.tok_embeddings.embedding) + self.decoder_bias
 
     def predict(self, hidden):
         """hidden [..., H] -> logits [..., V] (fp32)."""
@@ -495,16 +453,22 @@ def _unbox(boxed):
         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def _for_init(config: ModelConfig) -> ModelConfig:
+    """The config that initialisation runs: parameters do not depend on the attention implementation, and the
+    (1, 8) dummy batch fits no tiled kernel (splash needs rows of 128), so init attends densely."""
+    return config.replace(attention_impl="xla")
+
+
 def init_params(config: ModelConfig, rng) -> dict:
     """Fresh parameters: a plain nested dict of float32 arrays."""
-    boxed = Ettin(config).init(rng, jnp.zeros((1, 8), jnp.int32), method=Ettin.init_all)
+    boxed = Ettin(_for_init(config)).init(rng, jnp.zeros((1, 8), jnp.int32), method=Ettin.init_all)
     return _unbox(boxed)["params"]
 
 
 def abstract_params(config: ModelConfig):
     """(ShapeDtypeStruct tree, logical PartitionSpec tree) without allocating anything."""
     boxed = jax.eval_shape(
-        functools.partial(Ettin(config).init, method=Ettin.init_all), jax.random.key(0),
+        functools.partial(Ettin(_for_init(config)).init, method=Ettin.init_all), jax.random.key(0),
         jnp.zeros((1, 8), jnp.int32))
     return _unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
 

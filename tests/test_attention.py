@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from ettin_jax import attention
+from ettin_jax import kernels
+from ettin_jax.kernels import cudnn, splash, xla_attention
 
 W = 16
 BANDS = {
@@ -53,19 +55,19 @@ def test_blocked_equals_reference(band, layout, t, block, windowed):
     """windowed: the CPU path (key windows sliced in a loop); neighbour-blocks: the GPU path (one batched product)."""
     q, k, v = qkv(t)
     seg = jnp.asarray(layouts(t)[layout])
-    got = jax.jit(attention.blocked_attention, static_argnames=("band", "block", "windowed"))(
+    got = jax.jit(xla_attention.blocked_attention, static_argnames=("band", "block", "windowed"))(
         q, k, v, segment_ids=seg, band=BANDS[band], block=block, windowed=windowed)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
 
 
 @pytest.mark.parametrize("band", list(BANDS))
 @pytest.mark.parametrize("layout", ["one", "padded", "packed"])
-@pytest.mark.parametrize("tile_bytes", [attention.TILE_BYTES, 4 * 8 * 100])
+@pytest.mark.parametrize("tile_bytes", [xla_attention.TILE_BYTES, 4 * 8 * 100])
 def test_chunked_equals_reference(band, layout, tile_bytes):
     t = 100
     q, k, v = qkv(t, seed=1)
     seg = jnp.asarray(layouts(t)[layout])
-    got = jax.jit(attention.chunked_attention, static_argnames=("band", "chunk", "tile_bytes"))(
+    got = jax.jit(xla_attention.chunked_attention, static_argnames=("band", "chunk", "tile_bytes"))(
         q, k, v, segment_ids=seg, band=BANDS[band], chunk=32, tile_bytes=tile_bytes)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
 
@@ -73,15 +75,15 @@ def test_chunked_equals_reference(band, layout, tile_bytes):
 def test_tile_budget():
     """A given budget is used as it is; the CPU default is TILE_BYTES, widened for long rows so that a query tile
     has at least MIN_TILE_QUERIES queries."""
-    assert attention.tile_budget(1234, row_keys=8192) == 1234
-    assert attention.tile_budget() == attention.TILE_BYTES
-    assert attention.tile_budget(row_keys=1024) == attention.TILE_BYTES
-    assert attention.tile_budget(row_keys=8192) == attention.MIN_TILE_QUERIES * 8192 * 4
+    assert xla_attention.tile_budget(1234, row_keys=8192) == 1234
+    assert xla_attention.tile_budget() == xla_attention.TILE_BYTES
+    assert xla_attention.tile_budget(row_keys=1024) == xla_attention.TILE_BYTES
+    assert xla_attention.tile_budget(row_keys=8192) == xla_attention.MIN_TILE_QUERIES * 8192 * 4
 
 
 # Tile budgets that force every shape of the tiled core: whole rows many at a time, one row at a time, and query
 # tiles of 8 rows (100 queries: the last tile padded) against all keys.
-TILES = {"rows": attention.TILE_BYTES, "one-row": 4 * 100 * 100, "query-tiles": 4 * 8 * 100}
+TILES = {"rows": xla_attention.TILE_BYTES, "one-row": 4 * 100 * 100, "query-tiles": 4 * 8 * 100}
 
 
 @pytest.mark.parametrize("band", list(BANDS))
@@ -93,7 +95,7 @@ def test_tiled_equals_reference(band, layout, tiles):
     t = 100
     q, k, v = qkv(t, seed=6)
     seg = jnp.asarray(layouts(t)[layout])
-    f = lambda q, k, v: attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band],
+    f = lambda q, k, v: xla_attention.tiled_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band],
                                                   tile_bytes=TILES[tiles])
     r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
     np.testing.assert_allclose(jax.jit(f)(q, k, v), jax.jit(r)(q, k, v), atol=1e-5)
@@ -116,7 +118,7 @@ def test_tiled_cross_attention_with_indices_and_missing_keys():
     k_idx = jnp.broadcast_to(jnp.arange(40), (2, 40))
     for band in [(None, 0), (6, 0), (None, None)]:
         kw = dict(q_seg=q_seg, k_seg=k_seg, band=band, q_idx=q_idx, k_idx=k_idx)
-        f = lambda q, k, v: attention.tiled_attention(q, k, v, tile_bytes=4 * 8 * 40, **kw)
+        f = lambda q, k, v: xla_attention.tiled_attention(q, k, v, tile_bytes=4 * 8 * 40, **kw)
         r = lambda q, k, v: attention.reference_attention(q, k, v, **kw)
         np.testing.assert_allclose(f(q, k, v), r(q, k, v), atol=1e-5)
         w = jax.random.normal(jax.random.key(3), q.shape)
@@ -155,10 +157,10 @@ def test_gradients_equal_reference(impl, band, block):
     q, k, v = qkv(t, seed=2)
     seg = jnp.asarray(layouts(t)["packed"])
     if impl in ("blocked", "neighbour-blocks"):
-        f = lambda q, k, v: attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=block,
+        f = lambda q, k, v: xla_attention.blocked_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=block,
                                                         windowed=impl == "blocked")
     else:
-        f = lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids=seg, band=BANDS[band], chunk=32,
+        f = lambda q, k, v: xla_attention.chunked_attention(q, k, v, segment_ids=seg, band=BANDS[band], chunk=32,
                                                         tile_bytes=4 * 8 * 80)
     r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
     w = jax.random.normal(jax.random.key(9), q.shape)
@@ -174,11 +176,11 @@ def test_cudnn_arguments_mean_the_band(band, layout):
     t = 100
     q, k, v = qkv(t, seed=3)
     seg = jnp.asarray(layouts(t)[layout])
-    args = attention.cudnn_arguments(seg, BANDS[band])
+    args = cudnn.cudnn_arguments(seg, BANDS[band])
     if band in ("encoder-local", "asymmetric"):  # a right window: cuDNN cannot, the dispatcher goes blocked
         assert args is None
-        assert attention.resolve_impl("cudnn", BANDS[band], 1024) == "blocked"
-        assert attention.resolve_impl("auto", BANDS[band], 1024, platform="gpu") == "blocked"
+        assert kernels.resolve_impl("cudnn", BANDS[band], 1024) == "blocked"
+        assert kernels.resolve_impl("auto", BANDS[band], 1024, target="gpu") == "blocked"
         return
     if BANDS[band] == (None, 0) or BANDS[band][1] == 0:
         assert args["is_causal"]
@@ -186,25 +188,25 @@ def test_cudnn_arguments_mean_the_band(band, layout):
         assert args["local_window_size"] == (BANDS[band][0], 0)
     got = jax.nn.dot_product_attention(q, k, v, implementation="xla", **args)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
-    assert attention.resolve_impl("auto", BANDS[band], 1024, platform="gpu") == "cudnn"
+    assert kernels.resolve_impl("auto", BANDS[band], 1024, target="gpu") == "cudnn"
 
 
 @pytest.mark.slow
 def test_dispatch():
-    assert attention.resolve_impl("auto", (64, 64), 1024, platform="cpu") == "blocked"
-    assert attention.resolve_impl("auto", (64, 64), 100, platform="cpu") == "chunked"
-    assert attention.resolve_impl("auto", (None, 0), 1024, platform="cpu") == "chunked"
-    assert attention.resolve_impl("auto", (None, None), 1024, platform="tpu") == "splash"
-    assert attention.resolve_impl("auto", (64, 64), 1000, platform="tpu") == "blocked"  # not a multiple of 128
+    assert kernels.resolve_impl("auto", (64, 64), 1024, target="cpu") == "blocked"
+    assert kernels.resolve_impl("auto", (64, 64), 100, target="cpu") == "chunked"
+    assert kernels.resolve_impl("auto", (None, 0), 1024, target="cpu") == "chunked"
+    assert kernels.resolve_impl("auto", (None, None), 1024, target="tpu") == "splash"
+    assert kernels.resolve_impl("auto", (64, 64), 1000, target="tpu") == "splash"  # any length: padded inside
     with pytest.raises(ValueError, match="unknown attention implementation 'flash3'"):
-        attention.resolve_impl("flash3", (None, None), 8)
+        kernels.resolve_impl("flash3", (None, None), 8)
     t = 100
     q, k, v = qkv(t, seed=4)
     seg = jnp.asarray(layouts(t)["packed"])
     for band in BANDS.values():
         ref = reference(q, k, v, seg, band)
         for impl in ("auto", "xla", "blocked", "chunked"):
-            got = attention.self_attention(q, k, v, segment_ids=seg, band=band, impl=impl, block=16)
+            got = kernels.self_attention(q, k, v, segment_ids=seg, band=band, impl=impl, block=16)
             np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"{impl} {band}")
 
 
@@ -220,7 +222,7 @@ def test_splash_interpret_equals_reference(band, layout):
     t = 256  # splash tiles are multiples of 128
     q, k, v = qkv(t, seed=5, d=64)
     seg = jnp.asarray(layouts(t)[layout])
-    got = jax.jit(lambda q, k, v, s: attention.splash_attention(
+    got = jax.jit(lambda q, k, v, s: splash.splash_attention(
         q, k, v, segment_ids=s, band=BANDS[band], block=128, interpret=True))(q, k, v, seg)
     np.testing.assert_allclose(got, reference(q, k, v, seg, BANDS[band]), atol=1e-5)
 
@@ -232,9 +234,28 @@ def test_splash_interpret_gradients_equal_reference(band):
     q, k, v = qkv(t, seed=6, d=64)
     seg = jnp.asarray(layouts(t)["packed"])
     w = jax.random.normal(jax.random.key(9), q.shape)
-    f = lambda q, k, v: attention.splash_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=128,
+    f = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=128,
                                                    interpret=True)
     r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
+    loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
+    for a, b in zip(loss(f)(q, k, v), loss(r)(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("band", ["encoder-local", "decoder-global"])
+def test_splash_pads_rows_of_any_length(band):
+    """Rows whose length is no multiple of 128 (Ettin's long context is 7999) run padded inside the kernel: output
+    and gradients equal the reference at T = 200 (padded to 256), and nothing is padded at T = 256."""
+    assert splash.padded_length(7999, 512) == 8192 and splash.padded_length(7999, 128) == 8064
+    assert splash.padded_length(200, 512) == 256 and splash.padded_length(256, 128) == 256
+    t = 200
+    q, k, v = qkv(t, seed=7, d=64)
+    seg = jnp.asarray(layouts(t)["packed"])
+    w = jax.random.normal(jax.random.key(3), q.shape)
+    f = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=128,
+                                                interpret=True)
+    r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), r(q, k, v), atol=1e-5)
     loss = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
     for a, b in zip(loss(f)(q, k, v), loss(r)(q, k, v)):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -301,7 +322,7 @@ def test_splash_sharded_equals_reference(mesh_shape, band):
     mesh = _mesh(mesh_shape)
     q, k, v, seg = _sharded_inputs(mesh)
     w = jax.random.normal(jax.random.key(9), q.shape)
-    f = lambda q, k, v: attention.splash_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=128,
+    f = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, band=BANDS[band], block=128,
                                                    interpret=True)
     r = lambda q, k, v: attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=BANDS[band])
     grad = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))
@@ -328,12 +349,12 @@ def test_splash_on_a_mesh_lowers_for_tpu(mesh_shape):
     mesh = _mesh(mesh_shape)
     q, k, v, seg = _sharded_inputs(mesh, d=128)
     tpu = lambda fn, *a: jax.jit(fn).trace(*a).lower(lowering_platforms=("tpu",))
-    bare = functools.partial(attention._splash_local, band=(W, W), block=128, interpret=False)
+    bare = functools.partial(splash._splash_local, band=(W, W), block=128, interpret=False)
     with _mesh_context(mesh):
         with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
             tpu(bare, q, k, v, seg)
         for band in ((W, W), (None, 0)):
-            f = lambda q, k, v: attention.splash_attention(q, k, v, segment_ids=seg, band=band, interpret=False)
+            f = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, band=band, interpret=False)
             tpu(f, q, k, v)
             tpu(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)), q, k, v)
 
@@ -348,10 +369,10 @@ def test_splash_sharded_bad_batch_and_sequence_axis():
     with _mesh_context(mesh):
         with pytest.raises(ValueError, match=r"the batch \(2\) is not divisible by the mesh axes \('data', 'fsdp'\) "
                                              r"it is sharded over \(product 4\)"):
-            attention.splash_attention(q[:2], k[:2], v[:2], segment_ids=seg[:2], band=(W, W), interpret=True)
+            splash.splash_attention(q[:2], k[:2], v[:2], segment_ids=seg[:2], band=(W, W), interpret=True)
     mesh = sharding.make_mesh(dict(data=1, fsdp=2, sequence=2, tensor=2))
     with _mesh_context(mesh):
-        f = lambda q, k, v, s: attention.splash_attention(q, k, v, segment_ids=s, band=(W, W), block=128,
+        f = lambda q, k, v, s: splash.splash_attention(q, k, v, segment_ids=s, band=(W, W), block=128,
                                                           interpret=True)
         (sm,) = _shard_maps(jax.make_jaxpr(f)(q, k, v, seg).jaxpr)
         assert sm.params["in_specs"][-4] == jax.P("fsdp", None, "tensor", None), sm.params["in_specs"]
@@ -363,7 +384,7 @@ def test_splash_on_one_device_has_no_shard_map():
     t = 128
     q, k, v = qkv(t, d=64)
     seg = jnp.asarray(layouts(t)["packed"])
-    f = lambda q, k, v: attention.splash_attention(q, k, v, segment_ids=seg, band=(W, W), interpret=True)
+    f = lambda q, k, v: splash.splash_attention(q, k, v, segment_ids=seg, band=(W, W), interpret=True)
     assert _shard_maps(jax.make_jaxpr(f)(q, k, v).jaxpr) == []
 
 

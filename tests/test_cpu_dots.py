@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import model, objectives, sizes
+from ettin_jax import kernels, model, objectives, sizes
 from ettin_jax.kernels.cpu import dots as cpu_dots
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's bf16 products")
@@ -117,7 +117,7 @@ def test_a_bf16_train_step_runs_every_projection_product_in_bf16(cpu_dots_on):
 def test_the_fused_cross_entropy_runs_its_products_in_bf16(cpu_dots_on):
     n, v, h = 70, 300, 16
     x = jnp.ones((n, h), BF16)
-    f = jax.jit(jax.grad(lambda x, e, b: objectives.decoder_cross_entropy(
+    f = jax.jit(jax.grad(lambda x, e, b: kernels.decoder_cross_entropy(
         x, e, b, jnp.zeros((n,), jnp.int32), jnp.ones((n,)), 32)[0], argnums=(0, 1, 2)))
     dots = _dots(f.lower(x, jnp.ones((v, h)), jnp.ones((v,))).compile().as_text())
     products = [d for d in dots if "1," not in d[1]]  # the bias gradient's column sums are an fp32 matrix-vector
@@ -168,11 +168,11 @@ def test_decoder_cross_entropy_bf16_gradients_with_and_without_the_transposed_dE
     bias = jax.random.normal(k[2], (v,)) * 0.1
     labels = jax.random.randint(k[3], (n,), 0, v)
     weights = jnp.ones((n,), jnp.float32)
-    f = jax.jit(jax.grad(lambda x, e, b: objectives.decoder_cross_entropy(x, e, b, labels, weights, 32)[0],
+    f = jax.jit(jax.grad(lambda x, e, b: kernels.decoder_cross_entropy(x, e, b, labels, weights, 32)[0],
                          argnums=(0, 1, 2)))
     got = f(x, emb, bias)
     monkeypatch.setattr(cpu_dots, "enabled", lambda dtype: False)
-    ref = jax.jit(jax.grad(lambda x, e, b: objectives.decoder_cross_entropy(x, e, b, labels, weights, 32)[0],
+    ref = jax.jit(jax.grad(lambda x, e, b: kernels.decoder_cross_entropy(x, e, b, labels, weights, 32)[0],
                            argnums=(0, 1, 2)))(x, emb, bias)
     assert got[1].shape == emb.shape
     for a, b in zip(got, ref):

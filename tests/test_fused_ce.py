@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import model, objectives, sizes
+from ettin_jax import kernels, model, objectives, sizes
 from ettin_jax.kernels.cpu import dots as cpu_dots
 from ettin_jax.kernels.cpu import fused_ce
 
@@ -39,7 +39,7 @@ def _grads(x, emb, bias, labels, weights, native: bool, monkeypatch):
         monkeypatch.setattr(fused_ce, "usable", lambda *a: False)
 
     def f(x, emb, bias, weights):
-        loss, correct, _ = objectives.decoder_cross_entropy(x, emb, bias, labels, weights, chunk=64)
+        loss, correct, _ = kernels.decoder_cross_entropy(x, emb, bias, labels, weights, chunk=64)
         return 3.0 * loss + 0.5 * correct, (loss, correct)
 
     fn = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ettin_jax import attention, model, sizes
+from ettin_jax import attention, kernels, model, sizes
+from ettin_jax.kernels import xla_attention
 
 
 @pytest.mark.parametrize("size", list(sizes.REFERENCE_PARAM_COUNTS))
@@ -161,7 +162,7 @@ def test_blocked_attention_equals_reference(band, layout, t):
     q, k, v = _qkv(jax.random.key(t), 2, t)
     seg = jnp.asarray(SEGMENTS[layout](t))
     ref = jax.jit(attention.reference_attention, static_argnames="band")(q, k, v, q_seg=seg, k_seg=seg, band=band)
-    got = jax.jit(attention.blocked_attention, static_argnames=("band", "block"))(
+    got = jax.jit(xla_attention.blocked_attention, static_argnames=("band", "block"))(
         q, k, v, segment_ids=seg, band=band, block=16)
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
@@ -172,10 +173,10 @@ def test_self_attention_dispatch():
     for band in [(None, None), (None, 0), (16, 16), (15, 0)]:
         ref = attention.reference_attention(q, k, v, q_seg=seg, k_seg=seg, band=band)
         for impl in ["auto", "xla", "blocked"]:
-            got = attention.self_attention(q, k, v, segment_ids=seg, band=band, impl=impl, block=16)
+            got = kernels.self_attention(q, k, v, segment_ids=seg, band=band, impl=impl, block=16)
             np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        attention.self_attention(q, k, v, segment_ids=seg, band=(None, None), impl="flash3")
+        kernels.self_attention(q, k, v, segment_ids=seg, band=(None, None), impl="flash3")
 
 
 @pytest.mark.slow

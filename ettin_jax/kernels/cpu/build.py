@@ -22,20 +22,20 @@ from typing import Optional
 import jax
 
 from ettin_jax.kernels.cpu import dots
+from ettin_jax.kernels.platform import mesh_size, platform as target_platform
 
 FOLDER = os.path.join(os.path.dirname(__file__), "native")
 
 
 def enabled() -> bool:
-    """Native handlers may be used: the CPU backend and ETTIN_JAX_NATIVE is not 0."""
-    return os.environ.get("ETTIN_JAX_NATIVE", "1") != "0" and jax.default_backend() == "cpu"
+    """Native handlers may be used: the step is traced for CPU devices (`kernels.platform`) and ETTIN_JAX_NATIVE is not 0."""
+    return os.environ.get("ETTIN_JAX_NATIVE", "1") != "0" and target_platform() == "cpu"
 
 
 def one_device() -> bool:
     """One device here: the mesh set by `jax.set_mesh` has one, or there is no mesh and the process has one. (A
     custom call is not partitioned: under a mesh of several devices each would compute the whole problem.)"""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.device_count() == 1 if mesh.empty else mesh.size == 1
+    return mesh_size() == 1
 
 
 def _cpu_key() -> str:

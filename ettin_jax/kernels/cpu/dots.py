@@ -34,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ettin_jax.kernels.platform import platform
+
 Array = jax.Array
 
 
@@ -41,7 +43,7 @@ def enabled(dtype) -> bool:
     """Whether products in this compute dtype should go through this module: bf16, on a CPU backend whose
     processor has bf16 instructions (AVX512-BF16, AMX-BF16 or Arm's BF16). Without them YNNPACK's bf16 kernels
     have no hardware to run on, and the identity products that make the transposes would be pure cost."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" and cpu_has_bf16_units()
+    return jnp.dtype(dtype) == jnp.bfloat16 and platform() == "cpu" and cpu_has_bf16_units()
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """The tied decoder's cross-entropy with its gradients in one native kernel, for fp32 training on CPU.
 
-`objectives.decoder_cross_entropy` computes, in its forward-with-gradients pass, per-row CE and correctness and
+`kernels.decoder_cross_entropy` computes, in its forward-with-gradients pass, per-row CE and correctness and
 the gradients of the weighted CE sum with respect to the features, the tied embedding and the bias, a chunk of
 rows at a time (three GEMMs per chunk and ~8 elementwise passes over the [rows, 50368] logits between them). On
 an x86 CPU with AVX-512, `native/fused_ce.cc` (an XLA FFI handler) does the same computation with the softmax
