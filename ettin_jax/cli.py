@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "eval": ("ettin_jax.evaluation", "evaluate workdirs or HF folders side by side on downstream tasks"),
     "sweep": ("ettin_jax.sweep", "run every point of a config sweep (locally, or print TPU commands)"),
     "sweep-report": ("ettin_jax.sweep", "gather a sweep's final metrics into a table and plots"),
+    "compile": ("ettin_jax.compile", "compile the train step for a TPU topology (or this host): memory per chip, fits or not"),
 }
 
 

@@ -233,11 +233,73 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
     return step_fn
 
 
+def jit_train_step(models: dict[str, ModelConfig], config, tx, schedule, mesh, params, opt_state):
+    """The jitted step `train` runs: state donated, state and batch sharded as given by `params` / `opt_state`
+    (arrays or ShapeDtypeStructs with shardings) and `sharding.batch_sharding`. `ettin compile` compiles the same."""
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
+    return jax.jit(make_train_step(models, config, tx, schedule), donate_argnums=(0, 1),
+                   in_shardings=(*state_shardings, sharding.batch_sharding(mesh), None, None),
+                   out_shardings=(*state_shardings, None))
+
+
+def abstract_batch(config, mesh) -> dict:
+    """ShapeDtypeStructs (sharded over the batch axes) of the global batch the data pipeline gives the step."""
+    from ettin_jax.data import masking
+    b, t = config.global_batch_size, config.seq_len
+    sh = sharding.batch_sharding(mesh)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    batch = {k: spec((b, t), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+    if any(objectives.get_objective(o).masked_inputs for o in recipe.models_of(config).values()):
+        p = masking.num_mlm_slots(config.mlm_rate, t)
+        batch.update(mlm_inputs=spec((b, t), jnp.int32), mlm_positions=spec((b, p), jnp.int32),
+                     mlm_labels=spec((b, p), jnp.int32), mlm_weights=spec((b, p), jnp.float32))
+    if config.batch_size_warmup.tokens:
+        batch["row_weights"] = spec((b,), jnp.float32)
+    return batch
+
+
+def check_memory(compiled, mesh, config, log=print):
+    """Refuses (ConfigError) a compiled step whose peak memory per device exceeds the device's memory, naming the
+    compiler's figure and the knobs, instead of an out-of-memory error mid-run. Silent where the backend reports no
+    memory figure."""
+    from ettin_jax import compile as compile_lib
+    device = mesh.devices.flat[0]
+    try:
+        figures = compile_lib.memory_figures(compiled)
+    except Exception:  # a backend without memory analysis
+        return None
+    have = compile_lib.hbm_bytes(device)
+    if have and figures["peak_bytes"] > have:
+        gib = compile_lib.GiB
+        raise ConfigError(
+            f"the compiled train step needs {figures['peak_bytes'] / gib:.2f} GiB per device (temporaries "
+            f"{figures['temp_bytes'] / gib:.2f} GiB) but a {device.device_kind} device has {have / gib:.2f} GiB; "
+            f"lower --config.micro_batch_size (now {config.micro_batch_size or 'off'}) or --config.global_batch_size "
+            f"(now {config.global_batch_size}), set --config.model.remat=full, shard over more devices "
+            "(--config.mesh.fsdp), or add `runlocal` to the config argument for a CPU-sized run")
+    return figures
+
+
 # ------------------------------------------------------------------------------------------------ state
 
 
 def _abstract(tree):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_state(models, config, mesh, tx, rules):
+    """(params, opt_state) as ShapeDtypeStructs with the shardings `init_state` gives them; allocates nothing."""
+    params = {}
+    for arch, cfg in sorted(models.items()):
+        shapes, specs = abstract_params(cfg)
+        shard = sharding.fit_shardings(sharding.param_shardings(specs, mesh, rules), shapes)
+        params[arch] = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                              shapes, shard)
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = sharding.like_params(opt, params, mesh)
+    opt_state = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), opt,
+                                       opt_sh)
+    return params, opt_state
 
 
 def init_state(models, config, mesh, tx, rules, log):
@@ -561,12 +623,12 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
         if params is None:
             params, opt_state = init_state(models, config, mesh, tx, rules, log)
 
-        step_fn = make_train_step(models, config, tx, schedule)
-        state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt_state))
-        batch_sh = sharding.batch_sharding(mesh)
-        jstep = jax.jit(step_fn, donate_argnums=(0, 1),
-                        in_shardings=(*state_shardings, batch_sh, None, None),
-                        out_shardings=(*state_shardings, None))
+        # Compiled before the first batch: a step that cannot fit is refused with the compiler's figure
+        # (check_memory), not met as an out-of-memory error mid-run.
+        jstep = jit_train_step(models, config, tx, schedule, mesh, params, opt_state).lower(
+            _abstract(params), _abstract(opt_state), abstract_batch(config, mesh),
+            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        check_memory(jstep, mesh, config, log)
 
         peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
         n_devices = mesh.devices.size
