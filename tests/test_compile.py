@@ -111,3 +111,17 @@ def test_a_step_that_cannot_fit_gets_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "does not fit" in err and "micro_batch_size" in err and "remat" in err
+
+
+def test_a_machine_without_tpu_chips_starts_no_tpu_runtime():
+    """libtpu is installed (pinned for `ettin compile`), yet importing ettin_jax on this TPU-less host keeps JAX to
+    its CPU backend: CPU devices and no libtpu warnings on stderr (compile-only TPU devices still come: the tests
+    above)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
+    out = subprocess.run([sys.executable, "-c", "import ettin_jax, jax; print(jax.devices()[0].platform)"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu"]
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr
