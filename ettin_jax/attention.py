@@ -11,30 +11,18 @@ the key exists. Global layers use the mask's unbounded band, local (sliding-wind
 The decoder's window defaults to Hugging Face ModernBertDecoder's semantics (k = local_attention // 2 = 64 keys),
 so exported models behave identically there; Ettin's training code saw 65 keys (`decoder_window=65`).
 
-Implementations (all computing the same function, tested against `reference_attention`):
-  * `reference_attention`: dense [T, S] scores; the ground truth, also used for KV-cache decoding.
-  * `cpu_attention.attention`: RoPE and flash attention in one native kernel (forward and backward) from the Wqkv
-    output, the CPU path of every layer where it applies: fp32, T a multiple of 64, one device, an AVX-512 CPU
-    (called by the model's attention for impl 'auto').
-  * `tiled_core` / `tiled_attention`: the XLA CPU path of every other layer. Heads-major rows a cache-sized tile at a time
-    (the scores, mask and softmax of a tile stay in L2), with a flash-attention style custom VJP that recomputes
-    each tile's scores from the saved row max and sum: ~2x the dense path's speed on XLA:CPU and O(T) memory.
-  * `blocked_attention`: sliding-window layers in O(T * w): queries in blocks of `block` against their own and
-    the neighbouring key blocks only (through the tiled core).
-  * `chunked_attention`: causal global layers, query chunks against the keys they can see (through the tiled
-    core).
-  * `dot_product_attention` with implementation 'cudnn' on GPU (via `jax.nn.dot_product_attention`).
-  * `splash_attention`: the TPU Pallas kernel; on a multi-device mesh inside `jax.shard_map` over the batch and
-    head axes that the active logical-axis rules give the activations (`splash_partition`).
+This module is the math: the masks, `reference_attention` (dense [T, S] scores, the ground truth, also used for
+KV-cache decoding) and `cached_attention`. The implementations that compute the same function without [T, T] scores
+(native CPU, XLA tiled/blocked/chunked, cuDNN, splash) live behind the kernel seam, `ettin_jax.kernels`, which picks
+one per layer for the platform the step is compiled for (`kernels.resolve_impl`); each is tested against
+`reference_attention`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 Band = tuple[Optional[int], Optional[int]]

@@ -62,9 +62,9 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seq_len: int, *, mlm_rate: flo
 
 def predictions_per_step(objective: str, batch: dict) -> float:
     """Tokens that go through the head and decoder in one step."""
-    if objective == "clm":
-        return float(batch["tokens"].size - batch["tokens"].shape[0])  # a row's last token predicts nothing
-    return float(batch["mlm_weights"].sum())
+    real = float(batch["tokens"].size - batch["tokens"].shape[0])  # a row's last token predicts nothing
+    masked = float(batch["mlm_weights"].sum()) if "mlm_weights" in batch else 0.0
+    return objectives.get_objective(objective).predictions(tokens=real, masked=masked)
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -119,7 +119,7 @@ class TrainBench:
         self.tokens = float(host["tokens"].size)
         self.flops = sum(flops_lib.train_flops(
             self.models[a], tokens=self.tokens, predictions=predictions_per_step(o, host), seq_len=config.seq_len,
-            causal=o == "clm") for a, o in self.objectives.items())
+            causal=objectives.get_objective(o).causal) for a, o in self.objectives.items())
         if not masked:
             host = {k: host[k] for k in ("tokens", "segment_ids", "positions")}
         self.batch = jax.device_put(host)

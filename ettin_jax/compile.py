@@ -124,8 +124,7 @@ def lower_train_step(config, devices=None):
 
 def compile_train_step(config, devices=None) -> dict:
     """Compiles `ettin train`'s step for `config` on `devices` (default: this host's) and returns its figures."""
-    from ettin_jax import flops as flops_lib
-    from ettin_jax import recipe
+    from ettin_jax import objectives, recipe
 
     t0 = time.perf_counter()
     lowered, mesh, models = lower_train_step(config, devices)
@@ -144,11 +143,9 @@ def compile_train_step(config, devices=None) -> dict:
     objs = recipe.models_of(config)
     tokens = config.global_batch_size * config.seq_len
     model_flops = 0.0
-    for arch, o in objs.items():
-        causal = o == "clm"
-        preds = tokens if causal else tokens * config.mlm_rate
-        model_flops += flops_lib.train_flops(models[arch], tokens=tokens, predictions=preds, seq_len=config.seq_len,
-                                             causal=causal)
+    for arch, o in objs.items():  # every token real, the expected share of them masked
+        model_flops += objectives.get_objective(o).train_flops(models[arch], tokens=tokens,
+                                                               masked=tokens * config.mlm_rate, seq_len=config.seq_len)
     calls = custom_calls(compiled)
     figures = memory_figures(compiled)
     hbm = hbm_bytes(device)

@@ -20,28 +20,44 @@ forward or backward, and no logit is computed twice (recomputing them under `jax
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attn_lib
-from ettin_jax import kernels
+from ettin_jax import flops, kernels
 from ettin_jax.model import Ettin
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
+    """What an objective is: the mask the model attends with, the inputs it reads, and which positions predict."""
+
     name: str
     mask: attn_lib.Mask
     masked_inputs: bool  # reads mlm_inputs (corrupted) rather than tokens
+    every_position: bool  # every token predicts its document's next token; else only the masked positions predict
+    read_offset: int = 0  # a masked token at p is predicted from the hidden state at p + read_offset (MNTP: -1)
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
+
+    def predictions(self, *, tokens: float, masked: float) -> float:
+        """Positions that go through the head and decoder, given the step's tokens and masked positions."""
+        return tokens if self.every_position else masked
+
+    def train_flops(self, cfg, *, tokens: float, masked: float, seq_len: int) -> float:
+        """The model FLOPs of one training step of this objective (`flops.train_flops`)."""
+        return flops.train_flops(cfg, tokens=tokens, predictions=self.predictions(tokens=tokens, masked=masked),
+                                 seq_len=seq_len, causal=self.causal)
 
 
 OBJECTIVES = {
-    "mlm": Objective("mlm", attn_lib.BIDIRECTIONAL, True),
-    "mntp": Objective("mntp", attn_lib.BIDIRECTIONAL, True),
-    "clm": Objective("clm", attn_lib.CAUSAL, False),
+    "mlm": Objective("mlm", attn_lib.BIDIRECTIONAL, masked_inputs=True, every_position=False),
+    "mntp": Objective("mntp", attn_lib.BIDIRECTIONAL, masked_inputs=True, every_position=False, read_offset=-1),
+    "clm": Objective("clm", attn_lib.CAUSAL, masked_inputs=False, every_position=True),
 }
 
 
@@ -87,7 +103,7 @@ def chunked_cross_entropy(predict: Callable, hidden, labels, weights, chunk: int
 
 def prediction_targets(objective: Objective, batch):
     """(gather index [B, P], labels [B, P], weights [B, P]) of the positions that predict."""
-    if objective.name == "clm":
+    if objective.every_position:  # the next token of the same document
         tokens, seg = batch["tokens"], batch["segment_ids"]
         labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
         next_seg = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
@@ -95,8 +111,8 @@ def prediction_targets(objective: Objective, batch):
         index = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return index, labels, weights
     positions = batch["mlm_positions"]
-    if objective.name == "mntp":
-        positions = jnp.maximum(positions - 1, 0)  # masked tokens are never a document's first ([CLS]) token
+    if objective.read_offset:  # MNTP: masked tokens are never a document's first ([CLS]) token
+        positions = jnp.maximum(positions + objective.read_offset, 0)
     return positions, batch["mlm_labels"], batch["mlm_weights"]
 
 
@@ -123,7 +139,7 @@ def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=No
     index, labels, weights = prediction_targets(objective, batch)
     if "row_weights" in batch:  # batch-size warmup: rows beyond the current batch size do not count
         weights = weights * batch["row_weights"][:, None]
-    if objective.name == "clm":  # every position predicts: no gather (and no scatter-add in the backward pass)
+    if objective.every_position:  # no gather (and no scatter-add in the backward pass)
         picked = hidden
     else:
         picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, P, H]

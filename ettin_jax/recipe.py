@@ -13,17 +13,6 @@ from ettin_jax.data import default_data_config
 OBJECTIVES = ("mlm", "clm", "mntp", "paired")
 PHASES = ("pretrain", "extension", "decay", "cross")
 
-# size: (peak LR, weight decay, LR warmup tokens, batch-size warmup tokens)
-SIZE_RECIPE = {
-    "17m": (3e-3, 3e-4, 4e9, 125e9),
-    "32m": (3e-3, 3e-4, 4e9, 100e9),
-    "68m": (3e-3, 3e-4, 3e9, 75e9),
-    "150m": (8e-4, 1e-5, 3e9, 50e9),
-    "400m": (5e-4, 1e-5, 2e9, 10e9),
-    "1b": (5e-4, 5e-5, 2e9, 3e9),
-    "tiny": (3e-3, 3e-4, 1e6, 0.0),
-}
-
 GLOBAL_BATCH = 4608
 LONG_CONTEXT = 7999
 
@@ -74,14 +63,11 @@ def base() -> ml_collections.ConfigDict:
 
 
 def apply_size(c, size: str):
-    if size not in SIZE_RECIPE:
-        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZE_RECIPE)}")
-    sizes.model_config(size)  # validates the name against the architecture table
-    lr, wd, warmup, bs_warmup = SIZE_RECIPE[size]
+    s = sizes.get(size)  # the per-size numbers live in the size table
     c.size = size
-    c.optimizer.peak_lr, c.optimizer.weight_decay = lr, wd
-    c.schedule.warmup_tokens = warmup
-    c.batch_size_warmup.tokens = bs_warmup
+    c.optimizer.peak_lr, c.optimizer.weight_decay = s.peak_lr, s.weight_decay
+    c.schedule.warmup_tokens = s.lr_warmup_tokens
+    c.batch_size_warmup.tokens = s.batch_warmup_tokens
 
 
 def apply_phase(c, phase: str):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ettin_jax import checkpoint, recipe, train
+from ettin_jax import checkpoint, recipe, sizes, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -335,7 +335,7 @@ def test_the_batch_hash_is_the_global_batchs_on_any_host_count(monkeypatch):
 def test_every_runlocal_config_validates():
     """Every size x objective x phase shrinks to a consistent CPU run (the schedule fits its token budget)."""
     import ettin
-    for size in recipe.SIZE_RECIPE:
+    for size in sizes.SIZES:
         for objective in recipe.OBJECTIVES:
             for phase in recipe.PHASES:
                 c = ettin.get_config(f"size={size},objective={objective},phase={phase},runlocal")

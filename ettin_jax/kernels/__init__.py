@@ -110,7 +110,25 @@ def tie(a: Array, b: Array) -> Array:
 
 # -------------------------------------------------------------------------------------------------- attention
 
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "chunked", "cudnn", "splash")
+def _chunked(q, k, v, *, segment_ids, band, block):
+    if band[1] != 0:  # not causal: query chunks would skip no keys; one tiled call
+        return xla_attention.tiled_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
+    return xla_attention.chunked_attention(q, k, v, segment_ids=segment_ids, band=band)
+
+
+# name -> self-attention of q, k, v [B, T, H, D] (keyword-only: segment_ids [B, T], band, block). A new kernel is one
+# module and one entry here; `resolve_impl` says where 'auto' uses which.
+ATTENTION = {
+    "xla": lambda q, k, v, *, segment_ids, band, block: reference_attention(
+        q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band),
+    "blocked": lambda q, k, v, *, segment_ids, band, block: xla_attention.blocked_attention(
+        q, k, v, segment_ids=segment_ids, band=band, block=block),
+    "chunked": _chunked,
+    "cudnn": lambda q, k, v, *, segment_ids, band, block: cudnn.cudnn_attention(
+        q, k, v, segment_ids=segment_ids, band=band),
+    "splash": lambda q, k, v, *, segment_ids, band, block: splash.splash_attention(
+        q, k, v, segment_ids=segment_ids, band=band),
+}
 
 
 def resolve_impl(impl: str, band: Band, t: int, *, block: int = 64, target: Optional[str] = None) -> str:
@@ -121,8 +139,8 @@ def resolve_impl(impl: str, band: Band, t: int, *, block: int = 64, target: Opti
     sliding-window layers of rows longer than two blocks, query-chunked for the rest. 'cudnn' and 'blocked' likewise
     fall back where they cannot express a band. target: the platform (default: `platform()`).
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+    if impl != "auto" and impl not in ATTENTION:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of auto, {', '.join(ATTENTION)}")
     bounded = band[0] is not None and band[1] is not None
     if impl == "auto":
         target = target or platform()
@@ -144,20 +162,10 @@ def self_attention(q, k, v, *, segment_ids, band: Band, impl: str = "auto", bloc
 
     impl: 'auto' (see `resolve_impl`), 'xla' (always dense: `attention.reference_attention`), 'blocked' (blocked
     wherever the band is bounded), 'chunked' (the tiled core; causal bands in query chunks against the keys they
-    reach), 'cudnn' (GPU), 'splash' (TPU).
+    reach), 'cudnn' (GPU), 'splash' (TPU), or any other name registered in `ATTENTION`.
     """
     impl = resolve_impl(impl, band, q.shape[1], block=block)
-    if impl == "blocked":
-        return xla_attention.blocked_attention(q, k, v, segment_ids=segment_ids, band=band, block=block)
-    if impl == "chunked":
-        if band[1] != 0:  # not causal: query chunks would skip no keys; one tiled call
-            return xla_attention.tiled_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
-        return xla_attention.chunked_attention(q, k, v, segment_ids=segment_ids, band=band)
-    if impl == "xla":
-        return reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
-    if impl == "cudnn":
-        return cudnn.cudnn_attention(q, k, v, segment_ids=segment_ids, band=band)
-    return splash.splash_attention(q, k, v, segment_ids=segment_ids, band=band)
+    return ATTENTION[impl](q, k, v, segment_ids=segment_ids, band=band, block=block)
 
 
 def attention(qkv: Array, cos: Array, sin: Array, segment_ids: Array, band: Band, *, impl: str, block: int,

@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ettin_jax.attention import Band, _NEG_INF, _visible_pairs
+from ettin_jax.attention import Band
 from ettin_jax.kernels.platform import platform
 
 

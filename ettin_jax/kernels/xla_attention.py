@@ -1,5 +1,12 @@
-"""Attention in XLA for long rows without [T, T] scores: the tiled (flash-style) core, blocked sliding windows and
-query-chunked causal layers. The CPU path of every layer the native kernel does not take, and the fallback elsewhere."""
+"""Attention in XLA without [T, T] scores (the CPU path of every layer the native kernel does not take):
+
+  * `tiled_core` / `tiled_attention`: heads-major rows a cache-sized tile at a time (the scores, mask and softmax of a
+    tile stay in L2), with a flash-attention style custom VJP that recomputes each tile's scores from the saved row
+    max and sum: ~2x the dense path's speed on XLA:CPU and O(T) memory.
+  * `blocked_attention`: sliding-window layers in O(T * w): queries in blocks of `block` against their own and the
+    neighbouring key blocks only (through the tiled core).
+  * `chunked_attention`: causal global layers, query chunks against the keys they can see (through the tiled core).
+"""
 from __future__ import annotations
 
 import functools

@@ -1,0 +1,81 @@
+"""The recipes of docs/architecture.md, each done once: add a size, an objective, an attention kernel."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ettin_jax import attention, kernels, model, objectives, sizes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ettin_config(arg):
+    spec = importlib.util.spec_from_file_location("ettin_config", os.path.join(REPO, "configs", "ettin.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_add_a_size(monkeypatch):
+    """A size is one row of `sizes.SIZES`: the recipe, the model and the runlocal config pick it up."""
+    monkeypatch.setitem(sizes.SIZES, "8m", sizes.Size(6, 128, 256, 2, 2e-3, 1e-4, 1e9, 20e9))
+    c = _ettin_config("size=8m,objective=paired,phase=pretrain")
+    assert (c.optimizer.peak_lr, c.optimizer.weight_decay, c.schedule.warmup_tokens,
+            c.batch_size_warmup.tokens) == (2e-3, 1e-4, 1e9, 20e9)
+    cfg = sizes.model_config("8m")
+    shapes, _ = model.abstract_params(cfg)
+    h, inner, v = 128, 256, cfg.vocab_size
+    per_layer = 3 * h * h + h * h + 2 * inner * h + inner * h + 2 * h  # Wqkv, Wo, Wi, Wo, two norms
+    expected = v * h + h + 6 * per_layer - h + h + h * h + h + v  # layer 0 has no attn_norm
+    assert model.count_params(shapes) == expected
+
+
+def test_add_an_objective(monkeypatch):
+    """An objective is one `Objective` entry: here masked tokens predicted from two positions back. `loss_fn` then
+    trains it; its loss equals the cross-entropy written out from `Ettin.predict`."""
+    obj = objectives.Objective("mntp2", attention.BIDIRECTIONAL, masked_inputs=True, every_position=False,
+                               read_offset=-2)
+    monkeypatch.setitem(objectives.OBJECTIVES, "mntp2", obj)
+    cfg = sizes.model_config("tiny", vocab_size=64)
+    params = model.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 64, (2, 16)).astype(np.int32)
+    positions = np.array([[3, 7, 9], [2, 5, 14]], np.int32)
+    inputs = tokens.copy()
+    np.put_along_axis(inputs, positions, 4, axis=1)
+    batch = dict(tokens=jnp.asarray(tokens), mlm_inputs=jnp.asarray(inputs),
+                 segment_ids=jnp.ones((2, 16), jnp.int32), positions=jnp.broadcast_to(jnp.arange(16), (2, 16)),
+                 mlm_positions=jnp.asarray(positions), mlm_labels=jnp.asarray(np.take_along_axis(tokens, positions, 1)),
+                 mlm_weights=jnp.ones((2, 3), jnp.float32))
+    m = model.Ettin(cfg)
+    loss, _ = objectives.loss_fn(params, batch, model=m, objective=objectives.get_objective("mntp2"))
+    hidden = m.apply({"params": params}, batch["mlm_inputs"], mask=attention.BIDIRECTIONAL)
+    logits = m.apply({"params": params}, hidden, method=model.Ettin.predict)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    want = -np.mean([logp[b, p - 2, tokens[b, p]] for b in range(2) for p in positions[b]])
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_add_an_attention_kernel(monkeypatch):
+    """A kernel is one entry of `kernels.ATTENTION` (and its module): a model configured with its name uses it. Here
+    a copy of the dense reference that counts its calls; the model's output equals the 'xla' implementation's."""
+    calls = []
+
+    def counting(q, k, v, *, segment_ids, band, block):
+        calls.append(band)
+        return attention.reference_attention(q, k, v, q_seg=segment_ids, k_seg=segment_ids, band=band)
+
+    monkeypatch.setitem(kernels.ATTENTION, "counting", counting)
+    cfg = sizes.model_config("tiny", vocab_size=64)
+    params = model.init_params(cfg, jax.random.key(1))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(5, 64, (1, 32)), jnp.int32)
+    out = {impl: model.Ettin(cfg.replace(attention_impl=impl)).apply({"params": params}, tokens,
+                                                                     mask=attention.CAUSAL)
+           for impl in ("counting", "xla")}
+    assert len(calls) == cfg.num_layers
+    np.testing.assert_allclose(out["counting"], out["xla"], atol=1e-6)
+    with pytest.raises(ValueError, match="counting"):  # the error lists the registered names
+        kernels.resolve_impl("nope", (None, None), 32)
