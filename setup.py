@@ -19,7 +19,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["ettin_jax", "ettin_jax.*"]),
-    package_data={"ettin_jax": ["kernels/cpu/native/*.cc", "kernels/cpu/native/*.h"]},  # compiled on first use (ettin_jax/native_build.py)
+    package_data={"ettin_jax": ["kernels/cpu/native/*.cc", "kernels/cpu/native/*.h"]},  # compiled on first use (ettin_jax/kernels/cpu/build.py)
     install_requires=requirements,
     entry_points={"console_scripts": ["ettin=ettin_jax.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The native CPU attention (ettin_jax/cpu_attention.py): equal to the reference, used only where it applies."""
+"""The native CPU attention (ettin_jax/kernels/cpu/attention.py): equal to the reference, used only where it applies."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""The native fp32 projection products (ettin_jax/cpu_gemm.py): equal to the plain products, used only where they
+"""The native fp32 projection products (ettin_jax/kernels/cpu/gemm.py): equal to the plain products, used only where they
 apply."""
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The native LayerNorm forward (ettin_jax/cpu_norm.py): equal to the plain XLA computation, gradients included,
+"""The native LayerNorm forward (ettin_jax/kernels/cpu/norm.py): equal to the plain XLA computation, gradients included,
 and used only where it applies."""
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The native fused cross-entropy (ettin_jax/fused_ce.py): equal to the XLA path, used only where it applies."""
+"""The native fused cross-entropy (ettin_jax/kernels/cpu/fused_ce.py): equal to the XLA path, used only where it applies."""
 import os
 import subprocess
 import sys

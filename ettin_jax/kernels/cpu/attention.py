@@ -9,7 +9,7 @@ flash attention over 64 x 64 blocks with the online softmax on the block in cach
 reaches, and the gradient written as d(qkv) (docs/perf.md item 16).
 
 Used by the model's attention (impl 'auto') for fp32 with T a multiple of 64 and head_dim of 32, on one device (a
-custom call is not partitioned), on an AVX-512 CPU, where the handler built (`native_build`; ETTIN_JAX_NATIVE=0
+custom call is not partitioned), on an AVX-512 CPU, where the handler built (`kernels/cpu/build.py`; ETTIN_JAX_NATIVE=0
 turns it off). Everything else takes the XLA paths.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ digits, gradients within ~3e-6); `correct` is exact.
 
 Used (`usable`) for fp32 features, embedding and bias, a width that is a multiple of 64, one device (the mesh set
 by `jax.set_mesh` has one device, or there is no mesh and one device: a custom call is not partitioned, so under
-a mesh of several devices the XLA path is used), AVX-512, and a handler that built (`native_build`;
+a mesh of several devices the XLA path is used), AVX-512, and a handler that built (`kernels/cpu/build.py`;
 ETTIN_JAX_NATIVE=0 turns it off). Everything else takes the XLA path.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ three forms a projection needs, each read from the row-major operands as they ar
 
 Used by `model.Dense` for fp32 with widths (K and N) that are multiples of 32 and at least MIN_ROWS rows (not for
 decoding's few), on one device (a custom call is not partitioned), on an AVX-512 CPU, where the handler built
-(`native_build`; ETTIN_JAX_NATIVE=0 turns it off). Everything else takes jnp.dot.
+(`kernels/cpu/build.py`; ETTIN_JAX_NATIVE=0 turns it off). Everything else takes jnp.dot.
 """
 from __future__ import annotations
 

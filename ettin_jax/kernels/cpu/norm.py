@@ -5,7 +5,7 @@ statistics stay [rows, 1]) with the centred squares written and read in between,
 x, a write and a read of [rows, H], and the output's write. `native/layer_norm.cc` reads each row once into L1 and
 writes y once, returning the same y, mean and rstd (docs/perf.md item 20). Used by `model.layer_norm` for fp32 in
 and out with H a multiple of 16, on one device (a custom call is not partitioned), on an AVX-512 CPU, where the
-handler built (`native_build`; ETTIN_JAX_NATIVE=0 turns it off). The backward pass stays in XLA.
+handler built (`kernels/cpu/build.py`; ETTIN_JAX_NATIVE=0 turns it off). The backward pass stays in XLA.
 """
 from __future__ import annotations
 

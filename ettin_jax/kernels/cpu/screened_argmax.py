@@ -9,7 +9,7 @@ of the 50,368). The result is the argmax of the exact logits, the same token the
 logits equal to fp32 rounding, where any two fp32 implementations may differ). XLA:CPU itself cannot do this
 faster: its bf16 matrix-vector product is conversion-bound (docs/perf.md item 12).
 
-The handler is compiled on first use and cached (`native_build`). Where that fails (no compiler, another
+The handler is compiled on first use and cached (`kernels/cpu/build.py`). Where that fails (no compiler, another
 platform), `available()` is False and decoding uses the plain product; ETTIN_JAX_NATIVE=0 turns it off.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // The tied decoder's cross-entropy and its gradients in one pass on CPU (fp32): an XLA FFI handler used by
-// kernels.decoder_cross_entropy's forward-with-gradients pass (ettin_jax/kernels/cpu/fused_ce.py says when). 18-30% faster
+// objectives.decoder_cross_entropy's forward-with-gradients pass (ettin_jax/fused_ce.py says when). 18-30% faster
 // than the same computation in XLA on the 2-core machine (benchmarks/fused_ce.py; docs/perf.md item 15).
 //
 // For features x [n, h], embedding E [v, h], bias b [v], labels y [n] and weights w [n] it returns per row
