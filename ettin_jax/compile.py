@@ -105,6 +105,7 @@ def lower_train_step(config, devices=None):
     from ettin_jax import sharding
     from ettin_jax import train as train_lib
 
+    config = train_lib.without_init(config)
     models = train_lib.validate_config(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     for cfg in models.values():

@@ -139,27 +139,18 @@ def validate_token_ids(ids: Sequence[int], vocab_size: int) -> None:
 
 
 def _features(params, cfg: ModelConfig, hidden):
-    """The prediction head (dense, GELU, norm): hidden [..., H] -> features [..., H] in the embedding's dtype."""
-    features = Ettin(cfg).apply({"params": params}, hidden, method=Ettin.head)
-    return features.astype(params["tok_embeddings"]["embedding"].dtype)
+    """The prediction head (`Ettin.head`: dense, GELU, norm): hidden [..., H] -> features [..., H]."""
+    return Ettin(cfg).apply({"params": params}, hidden, method=Ettin.head)
 
 
-def _decode(params, features):
-    """The tied decoder: features [..., H] -> logits [..., V].
-
-    Written as a dot_general contracting the embedding's own axis: on XLA:CPU, `predict`'s `x @ embedding.T + bias`
-    becomes an output-fused dot that first copies the transposed [H, V] embedding, which made each decoding step of
-    the 150m model ~6x slower.
-    """
-    embedding = params["tok_embeddings"]["embedding"]
-    logits = jax.lax.dot_general(features, embedding, (((features.ndim - 1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-    return logits + params["decoder_bias"]
+def _decode(params, cfg: ModelConfig, features):
+    """The tied decoder (`Ettin.decode`): features [..., H] -> fp32 logits [..., V]."""
+    return Ettin(cfg).apply({"params": params}, features, method=Ettin.decode)
 
 
 def _logits(params, cfg: ModelConfig, hidden):
-    """`Ettin.predict` (hidden [..., H] -> logits [..., V]) for inference (`_features`, then `_decode`)."""
-    return _decode(params, _features(params, cfg, hidden))
+    """`Ettin.predict` (hidden [..., H] -> logits [..., V]): the head, then the tied decoder."""
+    return Ettin(cfg).apply({"params": params}, hidden, method=Ettin.predict)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
@@ -246,7 +237,7 @@ def _generate(params, cfg: ModelConfig, prompt, key, greedy, temperature, top_p,
         embedding, bias = params["tok_embeddings"]["embedding"], params["decoder_bias"]
         prepared = screened_argmax.prepare(embedding)
         screened = lambda features: screened_argmax.argmax(features, embedding, bias, prepared)[0]
-    select = functools.partial(_select, logits_fn=functools.partial(_decode, params), key=key, greedy=greedy,
+    select = functools.partial(_select, logits_fn=functools.partial(_decode, params, cfg), key=key, greedy=greedy,
                                temperature=temperature, top_p=top_p, screened=screened)
 
     # CPU only: XLA:CPU streams the transposed Wo kernels faster (measured there); elsewhere the copy costs memory
@@ -298,7 +289,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
     out, count = _generate(
         params, cfg, jnp.asarray([prompt_ids], jnp.int32), jax.random.key(seed), jnp.bool_(greedy),
         jnp.float32(temperature), jnp.float32(top_p), jnp.int32(-1 if eos_id is None else eos_id),
-        max_new_tokens=max_new_tokens, screen=screen and greedy
+        max_new_tokens=max_new_tokens, screen=screen and greedy and cfg.dtype == "float32"
         and params["tok_embeddings"]["embedding"].dtype == jnp.float32 and screened_argmax.available())
     return [int(t) for t in np.asarray(out)[:int(count)]]
 

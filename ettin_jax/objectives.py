@@ -119,8 +119,6 @@ def prediction_targets(objective: Objective, batch):
 def prediction_count(objective: Objective, batch):
     """How many positions of `batch` predict (the denominator of the mean CE)."""
     _, _, weights = prediction_targets(objective, batch)
-    if "row_weights" in batch:
-        weights = weights * batch["row_weights"][:, None]
     return jnp.sum(weights.astype(jnp.float32))
 
 
@@ -137,8 +135,6 @@ def loss_fn(params, batch, *, model: Ettin, objective: Objective, dropout_rng=No
                          positions=batch["positions"], deterministic=deterministic,
                          rngs=None if deterministic else {"dropout": dropout_rng})
     index, labels, weights = prediction_targets(objective, batch)
-    if "row_weights" in batch:  # batch-size warmup: rows beyond the current batch size do not count
-        weights = weights * batch["row_weights"][:, None]
     if objective.every_position:  # no gather (and no scatter-add in the backward pass)
         picked = hidden
     else:

@@ -44,7 +44,9 @@ def base() -> ml_collections.ConfigDict:
                                                 start_frac=1.0, end_frac=1.0, final_frac=0.02,
                                                 # > 0: warmup / decay as a fraction of the run (short runs)
                                                 warmup_frac=0.0, decay_frac=0.0))
-    c.batch_size_warmup = ml_collections.ConfigDict(dict(tokens=0.0, start=0))
+    # Phase 1 grows the batch from the micro-batch size (start 0) to global_batch_size over `tokens` tokens, in at most
+    # num_sizes compiled sizes (ettin_jax/batch_warmup.py).
+    c.batch_size_warmup = ml_collections.ConfigDict(dict(tokens=0.0, start=0, num_sizes=8))
     c.init_from = ""  # workdir (or HF folder) of the previous phase
     c.init_mode = "none"  # none | full (weights + optimizer, phases 2-3) | weights (cross-objective)
     c.cross_objective = ml_collections.ConfigDict(dict(encoder_objective="mlm"))
@@ -63,7 +65,9 @@ def base() -> ml_collections.ConfigDict:
 
 
 def apply_size(c, size: str):
-    s = sizes.get(size)  # the per-size numbers live in the size table
+    if size not in sizes.SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(sizes.SIZES)}")
+    s = sizes.SIZES[size]  # the per-size numbers live in the size table
     c.size = size
     c.optimizer.peak_lr, c.optimizer.weight_decay = s.peak_lr, s.weight_decay
     c.schedule.warmup_tokens = s.lr_warmup_tokens

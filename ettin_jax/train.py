@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ettin_jax import batch_warmup
 from ettin_jax import checkpoint as ckpt_lib
 from ettin_jax import init_from
 from ettin_jax.errors import ConfigError
@@ -175,7 +176,6 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
     """The pure training step over every model the config trains."""
     objs = recipe.models_of(config)
     modules = {arch: Ettin(cfg) for arch, cfg in models.items()}
-    n_micro = (config.global_batch_size // config.micro_batch_size) if config.micro_batch_size else 1
 
     def losses(params, batch, step, normalizers=None):
         total, metrics = 0.0, {}
@@ -192,6 +192,8 @@ def make_train_step(models: dict[str, ModelConfig], config, tx, schedule):
         return total, metrics
 
     def grads_and_metrics(params, batch, step):
+        # The batch's rows, not global_batch_size: a batch-size warmup step has fewer (`batch_warmup`).
+        n_micro = batch["tokens"].shape[0] // config.micro_batch_size if config.micro_batch_size else 1
         if n_micro == 1:
             return jax.value_and_grad(losses, has_aux=True)(params, batch, step)
         # Gradient accumulation. Each micro-batch's CE sum is divided by the whole batch's prediction count, so the
@@ -239,10 +241,11 @@ def jit_train_step(models: dict[str, ModelConfig], config, tx, schedule, mesh, p
                    out_shardings=(*state_shardings, None))
 
 
-def abstract_batch(config, mesh) -> dict:
-    """ShapeDtypeStructs (sharded over the batch axes) of the global batch the data pipeline gives the step."""
+def abstract_batch(config, mesh, rows: Optional[int] = None) -> dict:
+    """ShapeDtypeStructs (sharded over the batch axes) of the global batch of `rows` rows (default: the global
+    batch size) the data pipeline gives the step."""
     from ettin_jax.data import masking
-    b, t = config.global_batch_size, config.seq_len
+    b, t = rows or config.global_batch_size, config.seq_len
     sh = sharding.batch_sharding(mesh)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     batch = {k: spec((b, t), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
@@ -250,8 +253,6 @@ def abstract_batch(config, mesh) -> dict:
         p = masking.num_mlm_slots(config.mlm_rate, t)
         batch.update(mlm_inputs=spec((b, t), jnp.int32), mlm_positions=spec((b, p), jnp.int32),
                      mlm_labels=spec((b, p), jnp.int32), mlm_weights=spec((b, p), jnp.float32))
-    if config.batch_size_warmup.tokens:
-        batch["row_weights"] = spec((b,), jnp.float32)
     return batch
 
 
@@ -395,14 +396,15 @@ def global_batch_hash(row_hashes: list[str]) -> str:
     return batch_hash(row_hashes)
 
 
-def _row_weights(config, tokens_seen: int, rows: int, shard_index: int) -> Optional[np.ndarray]:
+def warmup_schedule(config, mesh, pipe) -> Optional[batch_warmup.Schedule]:
+    """The batch-size warmup's schedule for this run, or None (no warmup: every step is the global batch)."""
     bw = config.batch_size_warmup
     if not bw.tokens:
         return None
-    n = int(optim.batch_size_warmup(float(tokens_seen), start=max(1, bw.start or 1),
-                                    end=config.global_batch_size, warmup_tokens=bw.tokens))
-    global_rows = shard_index * rows + np.arange(rows)
-    return (global_rows < n).astype(np.float32)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    unit = batch_warmup.granule(config.global_batch_size, pipe.num_streams, dp, config.micro_batch_size)
+    start = bw.start or config.micro_batch_size or unit  # Ettin: from the micro-batch size
+    return batch_warmup.Schedule(config.global_batch_size, start, bw.tokens, bw.num_sizes, unit)
 
 
 def train(config, workdir: str, *, allow_config_change: bool = False, log=print) -> dict:
@@ -449,10 +451,21 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
     with jax.set_mesh(mesh), __import__("flax").linen.logical_axis_rules(rules):
         params, opt_state = None, None
         start_step, tokens_seen = 0, 0
-        data_iter = pipe.iterator(0)
+        warmup = warmup_schedule(config, mesh, pipe)
+        rows_seen = 0  # global rows trained on (with a batch-size warmup, steps differ in size)
+
+        def feed_from(data_step=0):  # a warmup's steps take rows from the stream (batch_warmup.RowFeed)
+            it = pipe.iterator(data_step)
+            if warmup is None:
+                return it
+            return batch_warmup.RowFeed(it, global_batch_size=config.global_batch_size,
+                                        rows_per_group=pipe.rows_per_group, shard_index=jax.process_index(),
+                                        shard_count=jax.process_count())
+
+        data_iter = feed_from(0)
         if checkpoints.steps():
             # Resume: fresh state only for its shapes and shardings, then everything from the workdir.
-            fresh_params, fresh_opt = init_state(models, _no_init(config), mesh, tx, rules, log)
+            fresh_params, fresh_opt = init_state(models, without_init(config), mesh, tx, rules, log)
             step, restored = checkpoints.restore_latest(log=log, params=_abstract(fresh_params),
                                                         opt_state=_abstract(fresh_opt))
             if restored is None:
@@ -460,12 +473,16 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
             else:
                 params, opt_state = restored["params"], restored["opt_state"]
                 start_step, tokens_seen = step, int(restored["meta"]["tokens"])
+                rows_seen = int(restored["meta"].get("rows", step * config.global_batch_size))
                 try:
                     checkpoints.restore(step, params=_abstract(params), data_iter=data_iter)
                 except Exception as e:  # e.g. a different host count: replay the stream to this step instead
                     log(f"data iterator state not restored ({str(e).splitlines()[0][:160]}); "
                         f"replaying the data stream to step {step}")
-                    data_iter = pipe.iterator(step)
+                    data_step, skip = divmod(rows_seen, config.global_batch_size)
+                    data_iter = feed_from(data_step)
+                    if skip:  # the rows of that data batch trained before the checkpoint
+                        data_iter.take(skip // jax.process_count())
                 newest = checkpoints.steps()[-1]
                 note = "" if step == newest else f", the newest readable checkpoint (newest on disk: {newest})"
                 log(f"resumed from step {step} ({tokens_seen:,} tokens){note}")
@@ -474,11 +491,22 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
             params, opt_state = init_state(models, config, mesh, tx, rules, log)
 
         # Compiled before the first batch: a step that cannot fit is refused with the compiler's figure
-        # (check_memory), not met as an out-of-memory error mid-run.
-        jstep = jit_train_step(models, config, tx, schedule, mesh, params, opt_state).lower(
-            _abstract(params), _abstract(opt_state), abstract_batch(config, mesh),
-            jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)).compile()
-        check_memory(jstep, mesh, config, log)
+        # (check_memory), not met as an out-of-memory error mid-run. A warmup's smaller sizes compile when first
+        # used (at most batch_size_warmup.num_sizes of them); the full batch, the largest, is checked first.
+        jitted = jit_train_step(models, config, tx, schedule, mesh, params, opt_state)
+        compiled = {}
+
+        def step_for(rows):
+            if rows not in compiled:
+                compiled[rows] = jitted.lower(
+                    _abstract(params), _abstract(opt_state), abstract_batch(config, mesh, rows),
+                    jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)).compile()
+                check_memory(compiled[rows], mesh, config, log)
+            return compiled[rows]
+
+        step_for(config.global_batch_size)
+        if warmup is not None:
+            log(f"batch-size warmup over {config.batch_size_warmup.tokens:,.0f} tokens: sizes {warmup.sizes}")
 
         peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
         n_devices = mesh.devices.size
@@ -528,15 +556,20 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
             with _Preemption() as preempt:
                 step = start_step
                 while not run_complete(config, step, tokens_seen):
-                    batch = next(data_iter)
-                    record = batch.pop("provenance", None)
-                    batch.pop("step", None)
+                    if warmup is None:
+                        batch = next(data_iter)
+                        record = batch.pop("provenance", None)
+                        batch.pop("step", None)
+                        rows_now = config.global_batch_size
+                    else:
+                        rows_now = warmup.size(tokens_seen)
+                        batch, prov_rows, _ = data_iter.take(rows_now // jax.process_count())
+                        record = {"step": step, "shard_index": jax.process_index(),
+                                  "shard_count": jax.process_count(), "rows": prov_rows,
+                                  "hash": data_lib.batch_hash([r["hash"] for r in prov_rows])} if prov_rows else None
                     if record is not None:
                         provenance.write(record)
-                    rw = _row_weights(config, tokens_seen, batch["tokens"].shape[0], jax.process_index())
-                    if rw is not None:
-                        batch["row_weights"] = rw
-                    local_tokens = int(((batch["segment_ids"] > 0) * (1 if rw is None else rw[:, None])).sum())
+                    local_tokens = int((batch["segment_ids"] > 0).sum())
                     # Global counts, summed over processes: tokens_seen drives the learning rate, which every process
                     # must pass identically to the step (and equal to a single-process run's).
                     local_preds = float(batch["mlm_weights"].sum()) if "mlm_weights" in batch else 0.0
@@ -547,7 +580,9 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                         nflops += objectives.get_objective(o).train_flops(models[arch], tokens=ntok, masked=npreds,
                                                                           seq_len=config.seq_len)
                     gbatch = sharding.host_batch_to_global(batch, mesh)
-                    params, opt_state, m = jstep(params, opt_state, gbatch, jnp.int32(step), jnp.float32(tokens_seen))
+                    params, opt_state, m = step_for(rows_now)(params, opt_state, gbatch, jnp.int32(step),
+                                                              jnp.float32(tokens_seen))
+                    rows_seen += rows_now
                     if pending is not None:
                         finish(pending)
                     tokens_seen += ntok
@@ -565,7 +600,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                         if stopped:
                             break
                         checkpoints.save(step, params=params, opt_state=opt_state, data_iter=data_iter,
-                                         meta=dict(step=step, tokens=tokens_seen, phase=config.phase))
+                                         meta=dict(step=step, tokens=tokens_seen, rows=rows_seen, phase=config.phase))
                         # The bad-input counts survive a crash: written with every checkpoint, not only at the end.
                         _write_data_stats(workdir, pipe)
                     if preempt.signal:
@@ -594,8 +629,9 @@ def _write_data_stats(workdir, pipe):
         ckpt_lib.write_json(workdir, "data_stats.json", pipe.stats())
 
 
-def _no_init(config):
-    """The config with phase initialisation switched off (resume restores everything from the workdir)."""
+def without_init(config):
+    """The config with phase initialisation switched off (a resume restores everything from the workdir; `ettin
+    compile` needs no source: the step does not depend on where the weights come from)."""
     c = config.copy_and_resolve_references()
     c.init_mode = "none"
     return c
