@@ -9,6 +9,9 @@ what it was trained on). The SentencePiece kind also keeps its `sentencepiece.mo
 Unigram model in the Hugging Face `tokenizers` format, so that encoding in this project and in transformers is one
 implementation.
 
+An exported model's folder gets the tokenizer its architecture needs (`write_hf_tokenizer`): the decoder's adds only
+[CLS] (BOS), not the trailing [SEP] (EOS), and both declare their BOS/EOS, so Hugging Face tools need no arguments.
+
 Ettin's special tokens are [UNK] [CLS] [SEP] [PAD] [MASK]; a trained tokenizer puts them at ids 0..4 in that order.
 (ModernBERT's own tokenizer has them at 50280..50284: the ids always come from the tokenizer, never from constants.)
 """
