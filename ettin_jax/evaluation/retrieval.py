@@ -61,7 +61,6 @@ class Embedder:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
 
-
     def export(self, out_dir: str) -> str:
         """Writes the encoder with these (fine-tuned) parameters as a Hugging Face folder that transformers and
         `sentence_transformers.SentenceTransformer(out_dir)` load, pooling as here (`ettin_jax.hf.save_hf_folder`).
