@@ -567,7 +567,14 @@ def export_workdir(workdir: str, out: str, *, step: Optional[int] = None, which:
                                            + ([f"--as={as_arch}"] if as_arch else []))
     written = {}
     for arch in chosen:
-        params, cfg, arch, tok = checkpoint.load_model_from_workdir(workdir, arch, step)
+        try:
+            params, cfg, arch, tok = checkpoint.load_model_from_workdir(workdir, arch, step)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # a corrupt or partial checkpoint (Orbax's errors have no common type)
+            raise ConversionError(f"checkpoint {step} of {workdir} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); export another with --step (it has "
+                                  f"{steps})") from None
         target = as_arch or arch
         _check_arch(target)
         folder = out if len(chosen) == 1 else os.path.join(out, arch)
