@@ -422,28 +422,32 @@ def model_card(cfg: ModelConfig, arch: str, path: str, *, num_params: int, prove
     made and where it comes from, and how to load it in transformers, sentence-transformers and lm_eval."""
     p = provenance or {}
     cls, model_type = ARCHITECTURES[arch]["cls"], ARCHITECTURES[arch]["model_type"]
-    globals_ = sum(t == GLOBAL for t in cfg.layer_types)
+    n_global = sum(t == GLOBAL for t in cfg.layer_types)
     tags = ["ettin", "modernbert", "ettin-jax"] + (["sentence-transformers"] if pooling else [])
-    lines = ["---", f"library_name: transformers", f"pipeline_tag: {'fill-mask' if arch == 'encoder' else 'text-generation'}",
-             "tags:"] + [f"- {t}" for t in tags] + ["---", "",
-             f"# Ettin {arch}{' ' + p['size'] if p.get('size') else ''} (ettin-jax)", "",
-             f"A ModernBERT {arch} trained the way [Ettin](https://arxiv.org/abs/2507.11412) trains its paired models "
-             f"({'bidirectional attention' if arch == 'encoder' else 'causal attention'}), written by `ettin export`.",
-             "", "| | |", "|---|---|",
-             f"| architecture | `{cls}` (model_type `{model_type}`) |",
-             f"| size | {p.get('size', 'not recorded')} |",
-             f"| parameters | {num_params:,} (the token embedding, {cfg.vocab_size * cfg.hidden_size:,}, is tied to the "
-             "output decoder) |",
-             f"| shape | {cfg.num_layers} layers ({globals_} global, {cfg.num_layers - globals_} local), hidden "
-             f"{cfg.hidden_size}, {cfg.num_heads} heads, intermediate {cfg.intermediate_size}, vocabulary "
-             f"{cfg.vocab_size} |",
-             f"| attention | local window {2 * cfg.local_window} (total), RoPE theta {cfg.global_rope_theta:g} global / "
-             f"{cfg.local_rope_theta:g} local, {cfg.max_position_embeddings} positions |",
-             f"| objective | {p.get('objective', 'not recorded')} |",
-             f"| phase | {p.get('phase', 'not recorded')} |",
-             f"| trained | " + (f"{p['tokens']:,} non-pad tokens, " if 'tokens' in p else "")
-             + (f"step {p['step']}" if "step" in p else "not recorded") + " |",
-             "", "## Provenance", ""]
+    trained = ", ".join(([f"{p['tokens']:,} non-pad tokens"] if "tokens" in p else [])
+                        + ([f"step {p['step']}"] if "step" in p else [])) or "not recorded"
+    rows = [
+        ("architecture", f"`{cls}` (model_type `{model_type}`)"),
+        ("size", p.get("size", "not recorded")),
+        ("parameters", f"{num_params:,} (the token embedding, {cfg.vocab_size * cfg.hidden_size:,}, is tied to "
+                       "the output decoder)"),
+        ("shape", f"{cfg.num_layers} layers ({n_global} global, {cfg.num_layers - n_global} local), hidden "
+                  f"{cfg.hidden_size}, {cfg.num_heads} heads, intermediate {cfg.intermediate_size}, vocabulary "
+                  f"{cfg.vocab_size}"),
+        ("attention", f"{'bidirectional' if arch == 'encoder' else 'causal'}, local window {2 * cfg.local_window} "
+                      f"(total), RoPE theta {cfg.global_rope_theta:g} global / {cfg.local_rope_theta:g} local, "
+                      f"{cfg.max_position_embeddings} positions"),
+        ("objective", p.get("objective", "not recorded")),
+        ("phase", p.get("phase", "not recorded")),
+        ("trained", trained),
+    ]
+    lines = (["---", "library_name: transformers",
+              f"pipeline_tag: {'fill-mask' if arch == 'encoder' else 'text-generation'}", "tags:"]
+             + [f"- {t}" for t in tags] + ["---", ""]
+             + [f"# Ettin {arch}{' ' + p['size'] if p.get('size') else ''} (ettin-jax)", "",
+                f"A ModernBERT {arch} trained the way [Ettin](https://arxiv.org/abs/2507.11412) trains its paired "
+                "models, written by `ettin export`.", "", "| | |", "|---|---|"]
+             + [f"| {k} | {v} |" for k, v in rows] + ["", "## Provenance", ""])
     if p.get("workdir"):
         lines.append(f"- workdir `{p['workdir']}`, checkpoint step {p.get('step')}")
     else:
@@ -486,15 +490,16 @@ def model_card(cfg: ModelConfig, arch: str, path: str, *, num_params: int, prove
                   + (": embeddings are the encoder's (export the paired encoder)." if arch == "decoder" else ".")]
     lines += ["", "lm-evaluation-harness:", ""]
     if arch == "decoder":
-        lines += [_code(f"lm_eval --model hf --model_args pretrained={path} --tasks hellaswag", "bash")]
+        lines += [_code(f"lm_eval --model hf --model_args pretrained={path} --tasks hellaswag  # --device cpu "
+                        "without a GPU", "bash")]
     else:
         lines += ["lm_eval's `hf` model scores causal models; an encoder is scored by masked pseudo-log-likelihood "
                   "through ettin-jax's adapter:", "",
                   _code(f"python -m ettin_jax.evaluation.lm_eval_adapter --model ettin "
                         f"--model_args pretrained={path},pll=True --tasks hellaswag", "bash")]
     lines += ["", "ettin-jax:", "",
-              _code(f"ettin {'fill-mask' if arch == 'encoder' else 'generate'} --model={path} "
-                    + ('--text="The capital of France is [MASK]."' if arch == "encoder" else '--prompt="def main(" --greedy')
+              _code((f'ettin fill-mask --model={path} --text="The capital of France is [MASK]."' if arch == "encoder"
+                     else f'ettin generate --model={path} --prompt="def main(" --greedy')
                     + f"\nettin import --hf={path} --workdir=NEW_WORKDIR   # continue training", "bash")]
     if arch == "decoder":
         lines += ["", FUSED_QKV_NOTE]

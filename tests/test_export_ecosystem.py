@@ -106,8 +106,8 @@ def test_fill_mask_pipeline_equals_ettin_fill_mask(folders):
     from transformers import pipeline
     fill = pipeline("fill-mask", model=folders["encoder"])
     for text in ("The capital of France is [MASK].", "def [MASK](path):\n    return open(path).read()"):
-        ours = json.loads(_run_cli(lambda a: inference.main(a, "fill-mask"), ["ettin fill-mask", f"--model={folders['encoder']}",
-                                                    f"--text={text}", "--top_k=5", "--json"]).splitlines()[-1])
+        argv = ["ettin fill-mask", f"--model={folders['encoder']}", f"--text={text}", "--top_k=5", "--json"]
+        ours = json.loads(_run_cli(lambda a: inference.main(a, "fill-mask"), argv).splitlines()[-1])
         theirs = fill(text, top_k=5)
         assert [r["token"] for r in theirs] == [r["token_id"] for r in ours], text
         np.testing.assert_allclose([r["score"] for r in theirs], [r["score"] for r in ours], rtol=1e-4)
@@ -256,6 +256,6 @@ def test_mfu_never_exceeds_one(monkeypatch):
     assert peak.per_device == 200.0 and "raised to the fastest observed rate" in logs[-1]
     assert peak.mfu(300.0) == pytest.approx(0.75)
     monkeypatch.setattr(flops, "_measure_matmul_peak", lambda *a: pytest.fail("a table value is not measured"))
-    monkeypatch.setattr(flops, "peak_flops_per_device", lambda dtype="float32": (100.0, "TPU v4 bf16 dense table value"))
+    monkeypatch.setattr(flops, "peak_flops_per_device", lambda dtype="float32": (100.0, "TPU v4 bf16 dense table"))
     peak = flops.Peak()
     assert peak.mfu(50.0) == 0.5 and peak.mfu(200.0) == 1.0 and "raised" in peak.source
