@@ -10,8 +10,8 @@ on one synthetic batch that stays on the device (no data pipeline, no host loop)
 
 Peak memory is XLA's compiled memory analysis of the jitted step (arguments + outputs + temporaries, less what is
 donated), which every backend reports; on CPU the process's peak RSS is given as well. MFU counts the FLOPs the
-model needs (`ettin_jax.flops`) against `flops.peak_flops_per_device()` (on CPU the measured matmul peak in the
-model's compute dtype: fp32, or bf16 products with fp32 accumulation).
+model needs (`ettin_jax.flops`) against `flops.Peak` (on CPU the measured matmul peak in the model's compute dtype:
+fp32, or bf16 products with fp32 accumulation; measured again, or raised, when a run is faster, so never over 100%).
 """
 from __future__ import annotations
 
@@ -163,21 +163,21 @@ class ForwardBench:
         return self.compiled(self.params, self.tokens_arr)
 
 
-def summarize(times: list[float], *, tokens: float, flops: float, peak: float) -> dict:
+def summarize(times: list[float], *, tokens: float, flops: float, peak: "flops_lib.Peak") -> dict:
     step = statistics.median(times)
-    return dict(step_time_s=step, tokens_per_s=tokens / step, mfu=flops / step / peak,
+    return dict(step_time_s=step, tokens_per_s=tokens / step, mfu=peak.mfu(flops / step),
                 step_times_s=[round(t, 5) for t in times])
 
 
 def run(config, *, steps: int = 10, warmup: int = 2, forward: bool = True, log=print) -> dict:
     """Benchmarks the train step (and the forward of each model) of `config`; returns the figures."""
-    peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
     n_dev = jax.device_count()
-    out = dict(device=jax.devices()[0].device_kind, devices=n_dev, peak_flops=peak, peak_source=peak_src,
+    peak = flops_lib.Peak(config.model.dtype, n_dev)
+    out = dict(device=jax.devices()[0].device_kind, devices=n_dev,
                size=config.size, objective=config.objective, batch=config.global_batch_size,
                seq_len=config.seq_len, dtype=config.model.dtype, steps=steps)
     tb = TrainBench(config)
-    r = summarize(time_calls(tb.step, steps, warmup), tokens=tb.tokens, flops=tb.flops, peak=peak * n_dev)
+    r = summarize(time_calls(tb.step, steps, warmup), tokens=tb.tokens, flops=tb.flops, peak=peak)
     out["train"] = dict(r, compile_s=tb.compile_s, flops_per_step=tb.flops, peak_bytes=tb.peak_bytes)
     log(f"train   {config.size} {config.objective} {config.global_batch_size}x{config.seq_len} "
         f"{config.model.dtype}: {r['tokens_per_s']:,.0f} tok/s  step {r['step_time_s'] * 1e3:.1f} ms  "
@@ -187,14 +187,15 @@ def run(config, *, steps: int = 10, warmup: int = 2, forward: bool = True, log=p
         for arch, o in sorted(tb.objectives.items()):
             fb = ForwardBench(tb.models[arch], objectives.get_objective(o).mask, config.global_batch_size,
                               config.seq_len)
-            r = summarize(time_calls(fb.step, steps, warmup), tokens=fb.tokens, flops=fb.flops, peak=peak * n_dev)
+            r = summarize(time_calls(fb.step, steps, warmup), tokens=fb.tokens, flops=fb.flops, peak=peak)
             out["forward"][arch] = dict(r, compile_s=fb.compile_s, peak_bytes=fb.peak_bytes)
             log(f"forward {arch}: {r['tokens_per_s']:,.0f} tok/s  step {r['step_time_s'] * 1e3:.1f} ms  "
                 f"MFU {r['mfu']:.1%}  peak {_fmt_bytes(fb.peak_bytes)} (XLA)")
     out["peak_rss_bytes"] = peak_rss_bytes()
     out["heap_kept"] = hostmem.applied()  # `ettin bench` sets it (ettin_jax/hostmem.py); a Python caller may not
-    log(f"peak RSS of this process {_fmt_bytes(out['peak_rss_bytes'])}; MFU against {peak / 1e9:,.0f} GFLOP/s "
-        f"per device ({peak_src})")
+    out.update(peak_flops=peak.per_device, peak_source=peak.source)  # as it stands after the runs (flops.Peak)
+    log(f"peak RSS of this process {_fmt_bytes(out['peak_rss_bytes'])}; MFU against {peak.per_device / 1e9:,.0f} "
+        f"GFLOP/s per device ({peak.source})")
     return out
 
 

@@ -4,6 +4,7 @@ A workdir holds everything a run needs to resume and everything a paper needs af
 
     config.json          the run's full config (resume refuses a different one, naming the fields)
     models.json          {architecture: ModelConfig fields} of each model the run trains
+    commands.jsonl       the `ettin train` command of each start or resume (quoted in an export's model card)
     tokenizer/           the tokenizer files (exports copy them)
     checkpoints/N/       Orbax items: params, opt_state (absent for imports), data_iter (Grain state), meta (JSON)
     metrics.jsonl        one JSON object per logged step; tensorboard/ the same as event files
@@ -40,6 +41,28 @@ def write_json(workdir: str, name: str, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
     os.replace(path + ".tmp", path)
+
+
+def append_jsonl(workdir: str, name: str, obj):
+    """Appends one JSON line (a log such as commands.jsonl)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(_json_path(workdir, name), "a") as f:
+        f.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+
+
+def read_jsonl(workdir: str, name: str) -> list:
+    """The objects of a JSON-lines file of the workdir ([] if absent); unreadable lines are skipped."""
+    out = []
+    try:
+        with open(_json_path(workdir, name)) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        return []
+    return out
 
 
 def read_json(workdir: str, name: str):

@@ -5,6 +5,18 @@ tensor name, and whether the [in, out] kernel is transposed to torch's [out, in]
 one fused Wqkv, the HF decoder as separate q/k/v projections: those are split on export and concatenated on import
 (both exact). The decoder weight is tied to the token embedding and not written separately.
 
+Continuing an imported decoder is not bit-for-bit what continuing it in transformers would be: ettin keeps the fused
+Wqkv (as Ettin trained both models) and StableAdamW clips its learning rate per tensor, so HF + optimi's StableAdamW
+with q/k/v as three tensors takes different steps (measured over 30 steps: v_proj ~1.7e-2 apart, losses equal to
+2e-6). `ettin import` of a decoder prints this (`FUSED_QKV_NOTE`).
+
+An export is meant to work with no glue: the tokenizer is written for the architecture (the encoder's wraps a text
+as [CLS] ... [SEP]; the decoder's only starts it with [CLS], its BOS, so prompts are continued, not ended), with
+BOS/EOS/pad/cls/sep/mask declared; a decoder gets generation_config.json (greedy, EOS [SEP]) so the text-generation
+pipeline and lm-evaluation-harness's `hf` model read it as `ettin generate` and our adapter do; an encoder gets the
+sentence-transformers files (the pooling our evaluation uses); every folder gets a model card (README.md) with its
+provenance (`workdir_provenance`).
+
 Import never assumes architecture values: rope thetas, layer types and window widths come from config.json,
 under the current field names (`rope_parameters`, `layer_types`) or the older ones (`global_rope_theta`,
 `local_rope_theta`, `global_attn_every_n_layers`). Any mismatch (missing tensor, wrong shape, unknown model_type,
@@ -15,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from typing import Optional
 
@@ -29,6 +42,15 @@ ARCHITECTURES = {
 _MODEL_TYPES = {v["model_type"]: k for k, v in ARCHITECTURES.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "ettin_tokenizer.json")
+
+
+# What `ettin import` of a decoder prints (and each exported decoder's model card says).
+FUSED_QKV_NOTE = (
+    "Note on continuing this decoder: ettin keeps attention's q/k/v as one fused Wqkv tensor, as Ettin trained both "
+    "models; transformers' ModernBertDecoder stores q_proj, k_proj and v_proj. The conversion is exact, but "
+    "StableAdamW clips its learning rate per tensor, so continuing the same checkpoint in transformers with "
+    "optimi's StableAdamW (three tensors) is not the same training: over 30 steps v_proj moved ~1.7e-2 differently "
+    "while the losses agreed to 2e-6. `ettin train --config.init_from=...` continues it as Ettin trained it.")
 
 
 class ConversionError(ValueError):
@@ -273,31 +295,215 @@ def from_hf_state_dict(sd: dict, cfg: ModelConfig, arch: str) -> dict:
 # ---------------------------------------------------------------------------------------------- HF folders
 
 
-def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_dir: Optional[str] = None):
-    """Writes config.json, model.safetensors and the tokenizer files; written to a temporary folder first and
-    renamed into place, so a failure leaves nothing half-written."""
+def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_dir: Optional[str] = None, *,
+                   provenance: Optional[dict] = None, pooling: str = "mean"):
+    """Writes a folder that transformers, sentence-transformers (encoders) and lm-evaluation-harness (decoders) load
+    with no argument beyond its path: config.json, model.safetensors, the tokenizer files for `arch`
+    (`tokenizer.write_hf_tokenizer`), a decoder's generation_config.json, an encoder's sentence-transformers files
+    (`pooling`: how our evaluation pools, `SENTENCE_TRANSFORMERS_POOLING`), and the model card README.md (with
+    `provenance`, from `workdir_provenance`). Written to a temporary folder first and renamed into place, so a
+    failure leaves nothing half-written."""
     from safetensors.numpy import save_file
     config = hf_config(cfg, arch)
     tensors = to_hf_state_dict(params, cfg, arch)
+    if tokenizer_dir and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise ConversionError(f"no tokenizer.json in {tokenizer_dir}")
+    if arch == "encoder" and pooling not in SENTENCE_TRANSFORMERS_POOLING:
+        raise ConversionError(f"pooling {pooling!r} is not one of {sorted(SENTENCE_TRANSFORMERS_POOLING)}")
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir:
-        copied = 0
-        for name in TOKENIZER_FILES:
-            src = os.path.join(tokenizer_dir, name)
-            if os.path.exists(src):
-                shutil.copy(src, tmp)
-                copied += 1
-        if not copied:
-            raise ConversionError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
+    try:
+        _write_json(tmp, "config.json", config)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if arch == "decoder":
+            from ettin_jax.inference import DEFAULT_MAX_NEW_TOKENS
+            # Greedy, as `ettin generate` without sampling flags, and as many new tokens as its default.
+            _write_json(tmp, "generation_config.json", dict(
+                bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
+                do_sample=False, max_new_tokens=DEFAULT_MAX_NEW_TOKENS))
+        if tokenizer_dir:
+            from ettin_jax.tokenizer import write_hf_tokenizer
+            write_hf_tokenizer(tokenizer_dir, tmp, arch, {k: getattr(cfg, f"{k}_token_id")
+                                                          for k in ("unk", "cls", "sep", "pad", "mask")})
+            for name in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, name)
+                if os.path.exists(src) and not os.path.exists(os.path.join(tmp, name)):
+                    shutil.copy(src, tmp)
+            if arch == "encoder":
+                _write_sentence_transformers(tmp, cfg, pooling)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(cfg, arch, out_dir, num_params=sum(int(np.size(x)) for x in tensors.values()),
+                               provenance=provenance, pooling=pooling if arch == "encoder" and tokenizer_dir
+                               else None))
+    except ValueError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(str(e)) from None
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
     return out_dir
+
+
+def _write_json(folder: str, name: str, obj):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# Our pooling names (ettin_jax.evaluation.models.pool) -> sentence-transformers' Pooling flags.
+SENTENCE_TRANSFORMERS_POOLING = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token"}
+
+
+def _write_sentence_transformers(folder: str, cfg: ModelConfig, pooling: str):
+    """modules.json (Transformer, then Pooling), 1_Pooling/config.json, sentence_bert_config.json and
+    config_sentence_transformers.json: `SentenceTransformer(folder)` then pools as our evaluation does. The
+    classic module names, which sentence-transformers 2.x to 6.x all load."""
+    _write_json(folder, "modules.json", [
+        dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
+        dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling")])
+    modes = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+             "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+    _write_json(os.path.join(folder, "1_Pooling"), "config.json", dict(
+        word_embedding_dimension=cfg.hidden_size, include_prompt=True,
+        **{m: m == SENTENCE_TRANSFORMERS_POOLING[pooling] for m in modes}))
+    _write_json(folder, "sentence_bert_config.json", dict(max_seq_length=cfg.max_position_embeddings,
+                                                          do_lower_case=False))
+    # Our retrieval evaluation ranks by cosine similarity (ettin_jax.evaluation.retrieval.rank).
+    _write_json(folder, "config_sentence_transformers.json", dict(
+        model_type="SentenceTransformer", similarity_fn_name="cosine", prompts={}, default_prompt_name=None))
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def workdir_provenance(workdir: str, arch: str, step: int) -> dict:
+    """What a model card says about where a workdir's model comes from: the workdir, step, tokens, objective,
+    phase, size, the training commands (commands.jsonl), the config, the data sources and the step's batch hash
+    (metrics.jsonl), or the folder an imported workdir came from. Missing records are left out."""
+    from ettin_jax import checkpoint
+    out = dict(workdir=os.path.abspath(workdir), step=step)
+    meta = checkpoint.read_meta(workdir, step) or {}
+    out.update({k: meta[k] for k in ("tokens", "phase") if k in meta})
+    config = checkpoint.read_json(workdir, "config.json")
+    if config:
+        import ml_collections
+        from ettin_jax import recipe
+        out["config"] = config
+        out["size"] = config.get("size")
+        out.setdefault("phase", config.get("phase"))
+        try:
+            out["objective"] = recipe.models_of(ml_collections.ConfigDict(config)).get(arch)
+        except (ValueError, AttributeError, KeyError):
+            pass
+        out["data"] = [dict(name=src.get("name"), path=src.get("path"), weight=src.get("weight"))
+                       for src in (config.get("data") or {}).get("sources", [])]
+    out["commands"] = [c.get("command") for c in checkpoint.read_jsonl(workdir, "commands.jsonl")
+                       if c.get("command") and c.get("start_step", 0) < step]
+    logged = [m for m in checkpoint.read_jsonl(workdir, "metrics.jsonl")
+              if m.get("batch_hash") and m.get("step", step + 1) <= step]
+    if logged:
+        last = max(logged, key=lambda m: m["step"])
+        out["batch_hash"] = dict(step=last["step"], hash=last["batch_hash"])
+    imported = checkpoint.read_json(workdir, "imported.json")
+    if imported:
+        out["imported_from"] = imported.get("source")
+    return {k: v for k, v in out.items() if v not in (None, [], {})}
+
+
+def _code(text: str, lang: str = "") -> str:
+    return f"```{lang}\n{text}\n```"
+
+
+def model_card(cfg: ModelConfig, arch: str, path: str, *, num_params: int, provenance: Optional[dict] = None,
+               pooling: Optional[str] = None) -> str:
+    """The README.md of an exported folder: architecture, size, parameters, objective, phase and tokens, how it was
+    made and where it comes from, and how to load it in transformers, sentence-transformers and lm_eval."""
+    p = provenance or {}
+    cls, model_type = ARCHITECTURES[arch]["cls"], ARCHITECTURES[arch]["model_type"]
+    n_global = sum(t == GLOBAL for t in cfg.layer_types)
+    tags = ["ettin", "modernbert", "ettin-jax"] + (["sentence-transformers"] if pooling else [])
+    trained = ", ".join(([f"{p['tokens']:,} non-pad tokens"] if "tokens" in p else [])
+                        + ([f"step {p['step']}"] if "step" in p else [])) or "not recorded"
+    rows = [
+        ("architecture", f"`{cls}` (model_type `{model_type}`)"),
+        ("size", p.get("size", "not recorded")),
+        ("parameters", f"{num_params:,} (the token embedding, {cfg.vocab_size * cfg.hidden_size:,}, is tied to "
+                       "the output decoder)"),
+        ("shape", f"{cfg.num_layers} layers ({n_global} global, {cfg.num_layers - n_global} local), hidden "
+                  f"{cfg.hidden_size}, {cfg.num_heads} heads, intermediate {cfg.intermediate_size}, vocabulary "
+                  f"{cfg.vocab_size}"),
+        ("attention", f"{'bidirectional' if arch == 'encoder' else 'causal'}, local window {2 * cfg.local_window} "
+                      f"(total), RoPE theta {cfg.global_rope_theta:g} global / {cfg.local_rope_theta:g} local, "
+                      f"{cfg.max_position_embeddings} positions"),
+        ("objective", p.get("objective", "not recorded")),
+        ("phase", p.get("phase", "not recorded")),
+        ("trained", trained),
+    ]
+    lines = (["---", "library_name: transformers",
+              f"pipeline_tag: {'fill-mask' if arch == 'encoder' else 'text-generation'}", "tags:"]
+             + [f"- {t}" for t in tags] + ["---", ""]
+             + [f"# Ettin {arch}{' ' + p['size'] if p.get('size') else ''} (ettin-jax)", "",
+                f"A ModernBERT {arch} trained the way [Ettin](https://arxiv.org/abs/2507.11412) trains its paired "
+                "models, written by `ettin export`.", "", "| | |", "|---|---|"]
+             + [f"| {k} | {v} |" for k, v in rows] + ["", "## Provenance", ""])
+    if p.get("workdir"):
+        lines.append(f"- workdir `{p['workdir']}`, checkpoint step {p.get('step')}")
+    else:
+        lines.append("- not exported from a workdir: written by `ettin_jax.hf.save_hf_folder`")
+    lines += [f"- {note}" for note in p.get("notes", [])]
+    if p.get("imported_from"):
+        lines.append(f"- imported (`ettin import`) from `{p['imported_from']}`")
+    if p.get("commands"):
+        lines.append("- trained by")
+        lines += ["", _code("\n".join(p["commands"]), "bash"), ""]
+    elif p.get("workdir"):
+        lines.append("- training command: not recorded (the workdir has no commands.jsonl)")
+    if p.get("export_command"):
+        lines += ["- exported by", "", _code(p["export_command"], "bash"), ""]
+    if p.get("data"):
+        lines.append("- data: " + ", ".join(f"{d['name']} (`{d['path']}`, weight {d['weight']})" for d in p["data"]))
+    if p.get("batch_hash"):
+        lines.append(f"- batch hash of step {p['batch_hash']['step']} (metrics.jsonl; equal hashes mean equal "
+                     f"batches): `{p['batch_hash']['hash']}`")
+    if p.get("config"):
+        lines += ["", "<details><summary>config.json of the run</summary>", "",
+                  _code(json.dumps(p["config"], indent=2, sort_keys=True), "json"), "", "</details>"]
+    lines += ["", "## Use", "", "transformers:", ""]
+    if arch == "encoder":
+        lines += [_code(f'from transformers import pipeline\nfill = pipeline("fill-mask", model="{path}")\n'
+                        'fill("The capital of France is [MASK].")  # the same top-k as `ettin fill-mask`', "python")]
+    else:
+        lines += [_code(f'from transformers import pipeline\ngenerate = pipeline("text-generation", model="{path}")\n'
+                        'generate("def main(")  # greedy, as `ettin generate --greedy` (generation_config.json)',
+                        "python"),
+                  "", "The tokenizer starts a text with [CLS] (BOS) and adds no [SEP] (EOS), as the decoder was "
+                  "trained; generation stops at [SEP]."]
+    lines += ["", "sentence-transformers:", ""]
+    if pooling:
+        lines += [_code(f'from sentence_transformers import SentenceTransformer\n'
+                        f'model = SentenceTransformer("{path}")  # {pooling} pooling, as in ettin eval retrieval\n'
+                        'embeddings = model.encode(["a sentence", "another one"])', "python")]
+    else:
+        lines += ["This folder carries no sentence-transformers configuration"
+                  + (": embeddings are the encoder's (export the paired encoder)." if arch == "decoder" else ".")]
+    lines += ["", "lm-evaluation-harness:", ""]
+    if arch == "decoder":
+        lines += [_code(f"lm_eval --model hf --model_args pretrained={path} --tasks hellaswag  # --device cpu "
+                        "without a GPU", "bash")]
+    else:
+        lines += ["lm_eval's `hf` model scores causal models; an encoder is scored by masked pseudo-log-likelihood "
+                  "through ettin-jax's adapter:", "",
+                  _code(f"python -m ettin_jax.evaluation.lm_eval_adapter --model ettin "
+                        f"--model_args pretrained={path},pll=True --tasks hellaswag", "bash")]
+    lines += ["", "ettin-jax:", "",
+              _code((f'ettin fill-mask --model={path} --text="The capital of France is [MASK]."' if arch == "encoder"
+                     else f'ettin generate --model={path} --prompt="def main(" --greedy')
+                    + f"\nettin import --hf={path} --workdir=NEW_WORKDIR   # continue training", "bash")]
+    if arch == "decoder":
+        lines += ["", FUSED_QKV_NOTE]
+    return "\n".join(lines) + "\n"
 
 
 def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
@@ -344,8 +550,9 @@ def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
 
 
 def export_workdir(workdir: str, out: str, *, step: Optional[int] = None, which: Optional[str] = None,
-                   as_arch: Optional[str] = None) -> dict[str, str]:
+                   as_arch: Optional[str] = None, export_command: Optional[str] = None) -> dict[str, str]:
     """Writes a workdir's model(s) as HF folders; a paired workdir without `which` gives out/encoder, out/decoder.
+    Each folder's model card quotes `export_command` (default: the `ettin export` command of these arguments).
 
     as_arch exports a model as the other architecture (a cross-objective encoder-from-decoder is already an
     'encoder' in its workdir; as_arch is for loading, say, a decoder's weights as ModernBertForMaskedLM).
@@ -356,13 +563,28 @@ def export_workdir(workdir: str, out: str, *, step: Optional[int] = None, which:
     chosen = [which] if which else sorted(models)
     if which and which not in models:
         raise ConversionError(f"{workdir} holds {sorted(models)}, not {which!r}")
+    steps = checkpoint.checkpoint_steps(workdir)
+    if not steps:
+        raise ConversionError(f"{workdir} has no checkpoints")
+    step = steps[-1] if step is None else step  # explicit, so that the model card names the step exported
+    command = export_command or shlex.join(["ettin", "export", f"--workdir={workdir}", f"--out={out}"]
+                                           + ([f"--which={which}"] if which else [])
+                                           + ([f"--as={as_arch}"] if as_arch else []))
     written = {}
     for arch in chosen:
-        params, cfg, arch, tok = checkpoint.load_model_from_workdir(workdir, arch, step)
+        try:
+            params, cfg, arch, tok = checkpoint.load_model_from_workdir(workdir, arch, step)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # a corrupt or partial checkpoint (Orbax's errors have no common type)
+            raise ConversionError(f"checkpoint {step} of {workdir} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); export another with --step (it has "
+                                  f"{steps})") from None
         target = as_arch or arch
         _check_arch(target)
         folder = out if len(chosen) == 1 else os.path.join(out, arch)
-        save_hf_folder(params, cfg, target, folder, tok)
+        provenance = dict(workdir_provenance(workdir, arch, step), export_command=command)
+        save_hf_folder(params, cfg, target, folder, tok, provenance=provenance)
         written[arch] = folder
     return written
 
@@ -397,6 +619,13 @@ def import_hf(hf_dir: str, workdir: str, *, as_arch: Optional[str] = None) -> st
     return workdir
 
 
+def checkpoint_arch(workdir: str) -> Optional[str]:
+    """The architecture of a single-model workdir (an import), or None."""
+    from ettin_jax import checkpoint
+    models = checkpoint.load_models(workdir)
+    return next(iter(models)) if len(models) == 1 else None
+
+
 def main(argv, subcommand=None):
     """`ettin export` and `ettin import`."""
     import sys
@@ -424,7 +653,8 @@ def main(argv, subcommand=None):
             if not fv.workdir or not fv.out:
                 raise ConversionError("--workdir and --out are required")
             for arch, folder in export_workdir(fv.workdir, fv.out, step=fv.step, which=fv.which,
-                                               as_arch=fv["as"].value).items():
+                                               as_arch=fv["as"].value,
+                                               export_command=shlex.join(["ettin", "export"] + argv[1:])).items():
                 print(f"exported the {arch} to {folder}")
         else:
             if not fv.hf or not fv.workdir:
@@ -432,6 +662,8 @@ def main(argv, subcommand=None):
             import_hf(fv.hf, fv.workdir, as_arch=fv["as"].value)
             print(f"imported {fv.hf} into {fv.workdir}; continue training with "
                   f"--config.init_from={fv.workdir} --config.init_mode=weights")
+            if checkpoint_arch(fv.workdir) == "decoder":
+                print(FUSED_QKV_NOTE)
     except (ConversionError, ValueError, FileNotFoundError) as e:
         print(f"{argv[0]}: error: {e}", file=sys.stderr)
         return 2

@@ -296,6 +296,7 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
 
 # ------------------------------------------------------------------------------------------------ command line
 
+DEFAULT_MAX_NEW_TOKENS = 64  # also an exported decoder's generation_config.json max_new_tokens (ettin_jax/hf.py)
 FLAGS = {"fill-mask": flags.FlagValues(), "generate": flags.FlagValues()}  # private: no clash with other modules
 for _fv in FLAGS.values():
     flags.DEFINE_string("model", None, "Hugging Face folder or training workdir", flag_values=_fv)
@@ -308,7 +309,7 @@ flags.DEFINE_integer("top_k", 5, "number of fills per mask", flag_values=FLAGS["
 flags.DEFINE_string("prompt", None, "text to continue", flag_values=FLAGS["generate"])
 flags.DEFINE_list("prompt_ids", None, "token ids to continue instead of --prompt (comma-separated)",
                   flag_values=FLAGS["generate"])
-flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most (stops earlier at EOS)",
+flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "tokens to generate at most (stops earlier at EOS)",
                      flag_values=FLAGS["generate"])
 flags.DEFINE_boolean("greedy", None, "argmax decoding (the default unless a sampling flag is given)",
                      flag_values=FLAGS["generate"])

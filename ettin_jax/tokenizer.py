@@ -9,6 +9,9 @@ what it was trained on). The SentencePiece kind also keeps its `sentencepiece.mo
 Unigram model in the Hugging Face `tokenizers` format, so that encoding in this project and in transformers is one
 implementation.
 
+An exported model's folder gets the tokenizer its architecture needs (`write_hf_tokenizer`): the decoder's adds only
+[CLS] (BOS), not the trailing [SEP] (EOS), and both declare their BOS/EOS, so Hugging Face tools need no arguments.
+
 Ettin's special tokens are [UNK] [CLS] [SEP] [PAD] [MASK]; a trained tokenizer puts them at ids 0..4 in that order.
 (ModernBERT's own tokenizer has them at 50280..50284: the ids always come from the tokenizer, never from constants.)
 """
@@ -311,6 +314,60 @@ def _write_hf_configs(out_dir: str) -> None:
         "model_max_length": MODEL_MAX_LENGTH,
         **special,
     }
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tokenizer of an exported model.
+
+# What each exported architecture's tokenizer adds around a text, in `tokenizers`' TemplateProcessing notation. The
+# encoder's is ModernBERT's. Ettin's decoder chunks start with [CLS] (its BOS) and the decoder continues the text, so
+# its tokenizer adds no [SEP] (EOS): a prompt that ended with one would be continued after an end of sequence.
+TEMPLATES = {
+    "encoder": dict(single="{cls}:0 $A:0 {sep}:0", pair="{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1"),
+    "decoder": dict(single="{cls}:0 $A:0", pair="{cls}:0 $A:0 $B:1"),
+}
+# The Hugging Face names of the special tokens: BOS is [CLS] and EOS is [SEP], as in ModernBERT's config.json.
+HF_SPECIAL = {"bos_token": "cls", "eos_token": "sep", "unk_token": "unk", "sep_token": "sep", "pad_token": "pad",
+              "cls_token": "cls", "mask_token": "mask"}
+
+
+def write_hf_tokenizer(src_dir: str, out_dir: str, arch: str, special_ids: dict) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json of an exported `arch` model.
+
+    The vocabulary is `src_dir`'s; the special tokens are the ones at `special_ids` (unk/cls/sep/pad/mask -> id, the
+    model config's ids); the post-processor is `TEMPLATES[arch]`, so that transformers' AutoTokenizer, the
+    text-generation pipeline and lm-evaluation-harness encode a text as the model was trained on it without any
+    argument. Keys of the source tokenizer_config.json other than the special tokens are kept.
+    """
+    if arch not in TEMPLATES:
+        raise ValueError(f"architecture {arch!r} is not one of {', '.join(TEMPLATES)}")
+    tok = tokenizers.Tokenizer.from_file(os.path.join(src_dir, "tokenizer.json"))
+    names = {}
+    for key in SPECIAL_TOKENS:
+        token = tok.id_to_token(int(special_ids[key]))
+        if token is None:
+            raise ValueError(f"tokenizer {src_dir!r} has no token with id {special_ids[key]}, the model's "
+                             f"{key} id; export with the tokenizer the model was trained with")
+        names[key] = token
+    template = TEMPLATES[arch]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template["single"].format(**names), pair=template["pair"].format(**names),
+        special_tokens=[(names["cls"], int(special_ids["cls"])), (names["sep"], int(special_ids["sep"]))])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"], "model_max_length": MODEL_MAX_LENGTH}
+    src_config = os.path.join(src_dir, "tokenizer_config.json")
+    if os.path.isfile(src_config):
+        with open(src_config) as f:
+            config.update(json.load(f))
+    for key in ("add_bos_token", "add_eos_token"):  # transformers would rebuild the post-processor from these
+        config.pop(key, None)
+    special = {hf_name: names[key] for hf_name, key in HF_SPECIAL.items()}
+    config.update(special)
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)

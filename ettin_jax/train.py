@@ -407,8 +407,12 @@ def warmup_schedule(config, mesh, pipe) -> Optional[batch_warmup.Schedule]:
     return batch_warmup.Schedule(config.global_batch_size, start, bw.tokens, bw.num_sizes, unit)
 
 
-def train(config, workdir: str, *, allow_config_change: bool = False, log=print) -> dict:
-    """Runs (or resumes) a training run in `workdir`; returns the last logged metrics."""
+def train(config, workdir: str, *, allow_config_change: bool = False, log=print,
+          command: Optional[str] = None) -> dict:
+    """Runs (or resumes) a training run in `workdir`; returns the last logged metrics.
+
+    `command` (the `ettin train` command line) is appended to the workdir's commands.jsonl, which `ettin export`
+    quotes in the model card."""
     from ettin_jax import data as data_lib
     from ettin_jax.tokenizer import check_compatible
 
@@ -436,6 +440,10 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
         init_from.check_init_source(config, models, tok)
     if jax.process_index() == 0:  # one writer: processes sharing a workdir would race on the temporary files
         ckpt_lib.write_json(workdir, "config.json", config_to_dict(config))
+        if command:
+            ckpt_lib.append_jsonl(workdir, "commands.jsonl", dict(
+                command=command, start_step=(ckpt_lib.checkpoint_steps(workdir) or [0])[-1],
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         ckpt_lib.save_models(workdir, models)
         ckpt_lib.copy_tokenizer(tok.path, os.path.join(workdir))
 
@@ -508,8 +516,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
         if warmup is not None:
             log(f"batch-size warmup over {config.batch_size_warmup.tokens:,.0f} tokens: sizes {warmup.sizes}")
 
-        peak, peak_src = flops_lib.peak_flops_per_device(config.model.dtype)
-        n_devices = mesh.devices.size
+        peak = flops_lib.Peak(config.model.dtype, mesh.devices.size, log=log)  # logs where its figure comes from
         writer = MetricsWriter(workdir, start_step)
         from ettin_jax.data import ProvenanceWriter
         provenance = ProvenanceWriter(workdir)
@@ -541,7 +548,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print)
                 dt = time.perf_counter() - window["t"]
                 out = {k: float(v) for k, v in m.items() if k != "nonfinite"}
                 out.update(tokens_per_sec=window["tokens"] / dt, step_time=dt / window["steps"],
-                           mfu=window["flops"] / dt / (peak * n_devices), tokens_seen=tokens_seen)
+                           mfu=peak.mfu(window["flops"] / dt), tokens_seen=tokens_seen)
                 if row_hashes is not None:  # the global batch's hash, whatever the host count: compare runs with it
                     out["batch_hash"] = global_batch_hash(row_hashes)
                 writer.write(s + 1, out)
@@ -690,7 +697,9 @@ def main(argv, subcommand=None) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
     try:
         sharding.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
-        train(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
+        import shlex
+        train(fv.config, fv.workdir, allow_config_change=fv.allow_config_change,
+              command=shlex.join(["ettin", "train"] + list(argv[1:])))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"ettin train: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, pipeline  # noqa: E402
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline  # noqa: E402
 
 FILL = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in [MASK] of a wife."
 PROMPT = "def read_file(path):\n    with open(path) as f:\n"
@@ -22,12 +22,11 @@ def main(root):
     for r in fill(FILL.replace("[MASK]", tok.mask_token), top_k=5):
         print(f"  {r['score']:.3f}  {r['token_str']!r}")
     dec = os.path.join(root, "decoder")
-    tok = AutoTokenizer.from_pretrained(dec)
-    model = AutoModelForCausalLM.from_pretrained(dec)
-    ids = tok(PROMPT, return_tensors="pt").input_ids[:, :-1]  # drop the trailing [SEP]: the prompt continues
-    out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    # The exported tokenizer starts the prompt with [CLS] and adds no [SEP]; generation_config.json makes it greedy.
+    generate = pipeline("text-generation", model=dec)
+    text = generate(PROMPT, max_new_tokens=40, return_full_text=False)[0]["generated_text"]
     print(f"transformers greedy generate ({dec}):")
-    print(tok.decode(out[0][ids.shape[1]:]).replace("\n", "\n  | ").join(["  | " + PROMPT.replace("\n", "\n  | "), ""]))
+    print(text.replace("\n", "\n  | ").join(["  | " + PROMPT.replace("\n", "\n  | "), ""]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`ettin eval`: evaluate workdirs (or Hugging Face folders) side by side.
 
     ettin eval --workdir=A [--workdir=B ...] [--tasks=all|austen_novel,stdlib_docstring,...] [--pll]
-               [--which=encoder|decoder] [--out=eval_results.json] [--glue_dir=DIR]
+               [--which=encoder|decoder] [--out=eval_results.json] [--glue_dir=DIR] [--save_retrieval=DIR]
 
 Prints a table (rows task/metric, one column per model; a paired workdir gives two columns) and writes the results
 as JSON to --out. Bad input (an unknown task, an encoder on a likelihood task without --pll, a missing folder) is
@@ -30,6 +30,8 @@ flags.DEFINE_list("lrs", ["3e-4"], "classification fine-tuning learning-rate gri
 flags.DEFINE_float("epochs", 8.0, "classification fine-tuning epochs", flag_values=FLAGS)
 flags.DEFINE_integer("contrastive_steps", 150, "retrieval fine-tuning steps (batch 32, in-batch negatives)",
                      flag_values=FLAGS)
+flags.DEFINE_string("save_retrieval", None, "export each encoder's retrieval fine-tune under this folder "
+                    "(a Hugging Face folder per model and task, loadable by sentence-transformers)", flag_values=FLAGS)
 flags.DEFINE_boolean("quiet", False, "print only the table", flag_values=FLAGS)
 
 USAGE = "--workdir=A [--workdir=B ...] [--tasks=all] [--pll] [--out=eval_results.json]"
@@ -53,7 +55,8 @@ def main(argv, subcommand="eval") -> int:
         results = runner.evaluate_paths(
             FLAGS.workdir, names, which=FLAGS.which, pll=FLAGS.pll, data_dir=FLAGS.data_dir,
             glue_dir=FLAGS.glue_dir, finetune=classification.FinetuneConfig(lrs=lrs, epochs=FLAGS.epochs),
-            contrastive=retrieval.ContrastiveConfig(steps=FLAGS.contrastive_steps), log=log)
+            contrastive=retrieval.ContrastiveConfig(steps=FLAGS.contrastive_steps),
+            save_retrieval=FLAGS.save_retrieval, log=log)
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

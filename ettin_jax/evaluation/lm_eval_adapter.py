@@ -13,7 +13,12 @@ From Python:
 Why not plain `lm_eval --model ettin`: lm_eval 0.4.13 finds models only in its own table (`lm_eval.models.
 MODEL_MAPPING`) and in modules already imported that call `register_model`; it reads no entry points for models,
 and `--include_path` adds task YAMLs only (their `!function` modules are imported after the model is built). So
-the module has to be imported before the harness's CLI runs, which is what `python -m` here does.
+the module has to be imported before the harness's CLI runs, which is what `python -m` here does. lm_eval 0.4.13
+adds its own models (`hf`, `vllm`, ...) only to an empty registry, so `lm_eval.models` is imported before `ettin` is
+registered: both stay available.
+
+An exported decoder needs none of this: `lm_eval --model hf --model_args pretrained=HF_DIR` scores it with
+transformers, per request equal to this adapter within 1e-3 (tests/test_export_ecosystem.py).
 
 `pretrained` is a training workdir or a Hugging Face folder; `which` picks the model of a paired workdir (default:
 the decoder); `pll=True` lets an encoder answer likelihood requests by masked pseudo-log-likelihood. Scoring is
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import lm_eval.models  # noqa: F401  (fills lm_eval's registry with its own models: see below)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -68,10 +68,12 @@ def check_arch(model: Model, allowed: Sequence[str], task: str, hint: str = ""):
 
 
 def encode(model: Model, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    """[CLS] text [SEP] ids, truncated to max_len (keeping [SEP] last)."""
+    """[CLS] text [SEP] ids, truncated to max_len (keeping [SEP] last), for both architectures: built here rather
+    than by the folder's post-processor, which for an exported decoder adds no [SEP] (ettin_jax/tokenizer.py)."""
+    tok = model.tokenizer
     out = []
     for t in texts:
-        ids = model.tokenizer.encode(t)
+        ids = [tok.cls_id] + tok._tok.encode(t, add_special_tokens=False).ids + [tok.sep_id]
         if len(ids) > max_len:
             ids = ids[:max_len - 1] + ids[-1:]
         out.append(ids)

@@ -61,6 +61,22 @@ class Embedder:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
 
+    def export(self, out_dir: str) -> str:
+        """Writes the encoder with these (fine-tuned) parameters as a Hugging Face folder that transformers and
+        `sentence_transformers.SentenceTransformer(out_dir)` load, pooling as here (`ettin_jax.hf.save_hf_folder`).
+        Decoders are refused: their exported tokenizer adds no [SEP], which the embeddings here end with."""
+        if self.model.arch != "encoder":
+            raise ValueError(f"{self.model.name} is a {self.model.arch}; only an encoder's embeddings are exported "
+                             "for sentence-transformers (an exported decoder's tokenizer adds no [SEP], so its "
+                             "embeddings would differ from these)")
+        from ettin_jax import hf
+        source = f"`{self.model.path}`" if self.model.path else self.model.name
+        note = (f"sentence embeddings ({self.pooling} pooling) of {source}"
+                + (", contrastively fine-tuned by ettin eval's retrieval task" if self.params is not self.model.params
+                   else ""))
+        return hf.save_hf_folder(jax.device_get(self.params), self.model.cfg, "encoder", out_dir,
+                                 self.model.tokenizer.folder, provenance=dict(notes=[note]), pooling=self.pooling)
+
 
 def in_batch_loss(q, d, scale: float):
     """Cross-entropy of each query against every document of the batch (its own positive is the diagonal)."""

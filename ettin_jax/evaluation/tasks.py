@@ -119,10 +119,11 @@ def glue_split(task: str, split: str, glue_dir: Optional[str]) -> list[dict]:
 def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Optional[str] = None,
         pll: bool = False, finetune: classification.FinetuneConfig = classification.FinetuneConfig(),
         contrastive: retrieval.ContrastiveConfig = retrieval.ContrastiveConfig(), limit: Optional[int] = None,
-        log=print) -> dict:
+        save_retrieval: Optional[str] = None, log=print) -> dict:
     """Runs one task on one model; returns its metrics (floats) and `n`, the number of items (sentences, queries)
     scored (standard errors come from it). `limit`: only the first items of a multiple-choice task (a cheaper,
-    noisier score)."""
+    noisier score). `save_retrieval`: a folder under which a retrieval task's fine-tuned encoder is exported
+    (SAVE_RETRIEVAL/<model name>/<task>, loadable by sentence-transformers)."""
     kind = kind_of(name)
     if kind == "multiple_choice":
         likelihood.require_scorer(model, pll, name)
@@ -156,6 +157,11 @@ def run(name: str, model: Model, *, data_dir: Optional[str] = None, glue_dir: Op
     zero = retrieval.evaluate(retrieval.Embedder(model), queries, corpus, qrels, **lens)
     tuned = retrieval.contrastive_fine_tune(model, read_jsonl(f"{name}_train.jsonl", data_dir), contrastive, log=log)
     out = retrieval.evaluate(tuned, queries, corpus, qrels, **lens)
+    if save_retrieval and model.arch == "encoder":
+        folder = tuned.export(os.path.join(save_retrieval, model.name.replace(":", "_").replace("/", "_"), name))
+        log(f"{model.name}: the {name} fine-tune exported to {folder}")
+    elif save_retrieval:
+        log(f"{model.name}: not exported (a {model.arch}; only encoders are exported for sentence-transformers)")
     out.update({f"zero_shot_{k}": v for k, v in zero.items()})
     out["n"] = len(qrels)  # judged queries: the standard error of the means
     return out
