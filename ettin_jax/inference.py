@@ -45,55 +45,9 @@ from absl import flags
 from ettin_jax import attention, cli, hf, kernels
 from ettin_jax.kernels.cpu import screened_argmax
 from ettin_jax.model import Ettin, ModelConfig, init_cache, transpose_for_decoding
+from ettin_jax.tokenizer import TextTokenizer
 
 # ----------------------------------------------------------------------------------------------------- loading
-
-
-class TextTokenizer:
-    """A Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json) read with `tokenizers`.
-
-    `encode` and `decode` give what `transformers.AutoTokenizer.from_pretrained(folder)` gives for ModernBERT's
-    PreTrainedTokenizerFast: ids with the post-processor's special tokens, decoding special tokens kept.
-    """
-
-    def __init__(self, folder: str):
-        import tokenizers
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"no tokenizer.json in {folder!r}: expected a Hugging Face tokenizer folder")
-        self.folder = folder
-        self._tok = tokenizers.Tokenizer.from_file(path)
-        config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
-            if os.path.isfile(os.path.join(folder, name)):
-                with open(os.path.join(folder, name)) as f:
-                    config.update(json.load(f))
-
-        def token(key, default):
-            t = config.get(key, default)
-            return t.get("content") if isinstance(t, dict) else t
-
-        self.mask_token, self.cls_token, self.sep_token = (
-            token("mask_token", "[MASK]"), token("cls_token", "[CLS]"), token("sep_token", "[SEP]"))
-        self.mask_id, self.cls_id, self.sep_id = (
-            self._tok.token_to_id(t) if t else None for t in (self.mask_token, self.cls_token, self.sep_token))
-        # transformers skips the WordPiece-era clean-up for BPE models unless forced.
-        self._clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and (
-            type(self._tok.model).__name__ != "BPE"
-            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        """Ids with the special tokens the tokenizer adds ([CLS] ... [SEP] for ModernBERT)."""
-        return self._tok.encode(text, add_special_tokens=True).ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if self._clean_up:
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-                text = text.replace(a, b)
-        return text
 
 
 def load_model(path: str, which: Optional[str] = None, prefer: Optional[str] = None):
@@ -297,25 +251,29 @@ def generate(params, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens
 # ------------------------------------------------------------------------------------------------ command line
 
 DEFAULT_MAX_NEW_TOKENS = 64  # also an exported decoder's generation_config.json max_new_tokens (ettin_jax/hf.py)
-FLAGS = {"fill-mask": flags.FlagValues(), "generate": flags.FlagValues()}  # private: no clash with other modules
-for _fv in FLAGS.values():
-    flags.DEFINE_string("model", None, "Hugging Face folder or training workdir", flag_values=_fv)
+def define_flags(subcommand: str) -> flags.FlagValues:
+    """The flags of `ettin fill-mask` / `ettin generate`, in a private registry made when the command runs."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model", None, "Hugging Face folder or training workdir", flag_values=fv)
     flags.DEFINE_enum("which", None, list(hf.ARCHITECTURES), "the model of a paired workdir (default: the "
-                      "encoder for fill-mask, the decoder for generate)", flag_values=_fv)
-    flags.DEFINE_boolean("json", False, "print the result as JSON on the last line", flag_values=_fv)
-flags.DEFINE_string("text", None, "text holding the tokenizer's mask token, e.g. [MASK]",
-                    flag_values=FLAGS["fill-mask"])
-flags.DEFINE_integer("top_k", 5, "number of fills per mask", flag_values=FLAGS["fill-mask"])
-flags.DEFINE_string("prompt", None, "text to continue", flag_values=FLAGS["generate"])
-flags.DEFINE_list("prompt_ids", None, "token ids to continue instead of --prompt (comma-separated)",
-                  flag_values=FLAGS["generate"])
-flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "tokens to generate at most (stops earlier at EOS)",
-                     flag_values=FLAGS["generate"])
-flags.DEFINE_boolean("greedy", None, "argmax decoding (the default unless a sampling flag is given)",
-                     flag_values=FLAGS["generate"])
-flags.DEFINE_float("temperature", 1.0, "sampling temperature", flag_values=FLAGS["generate"])
-flags.DEFINE_float("top_p", 1.0, "sampling nucleus mass", flag_values=FLAGS["generate"])
-flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS["generate"])
+                      "encoder for fill-mask, the decoder for generate)", flag_values=fv)
+    flags.DEFINE_boolean("json", False, "print the result as JSON on the last line", flag_values=fv)
+    if subcommand == "fill-mask":
+        flags.DEFINE_string("text", None, "text holding the tokenizer's mask token, e.g. [MASK]", flag_values=fv)
+        flags.DEFINE_integer("top_k", 5, "number of fills per mask", flag_values=fv)
+        return fv
+    flags.DEFINE_string("prompt", None, "text to continue", flag_values=fv)
+    flags.DEFINE_list("prompt_ids", None, "token ids to continue instead of --prompt (comma-separated)",
+                      flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "tokens to generate at most (stops earlier at EOS)",
+                         flag_values=fv)
+    flags.DEFINE_boolean("greedy", None, "argmax decoding (the default unless a sampling flag is given)",
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "sampling temperature", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "sampling nucleus mass", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
+    return fv
+
 
 USAGE = {
     "fill-mask": "--model=PATH [--which=encoder] --text=TEXT [--top_k=5] [--json]",
@@ -388,11 +346,11 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
     """`ettin fill-mask ...` / `ettin generate ...`; returns the exit status. Bad input is one line on stderr and
     exit status 2."""
     prog = argv[0] if argv else f"ettin {subcommand}"
-    if subcommand not in FLAGS:
-        print(f"{prog}: error: unknown subcommand {subcommand!r}; expected one of {', '.join(FLAGS)}",
+    if subcommand not in USAGE:
+        print(f"{prog}: error: unknown subcommand {subcommand!r}; expected one of {', '.join(USAGE)}",
               file=sys.stderr)
         return 2
-    fv = FLAGS[subcommand]
+    fv = define_flags(subcommand)
     rest = cli.parse_flags(fv, argv, USAGE[subcommand])
     if isinstance(rest, int):
         return rest

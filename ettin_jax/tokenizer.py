@@ -12,6 +12,9 @@ implementation.
 An exported model's folder gets the tokenizer its architecture needs (`write_hf_tokenizer`): the decoder's adds only
 [CLS] (BOS), not the trailing [SEP] (EOS), and both declare their BOS/EOS, so Hugging Face tools need no arguments.
 
+`TextTokenizer` reads any Hugging Face tokenizer folder (an export, a released checkpoint's) for inference and
+evaluation, giving the ids transformers gives.
+
 Ettin's special tokens are [UNK] [CLS] [SEP] [PAD] [MASK]; a trained tokenizer puts them at ids 0..4 in that order.
 (ModernBERT's own tokenizer has them at 50280..50284: the ids always come from the tokenizer, never from constants.)
 """
@@ -19,7 +22,7 @@ import gzip
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import tokenizers
 from absl import flags
@@ -32,14 +35,50 @@ METADATA_FILE = "ettin_tokenizer.json"
 SPM_FILE = "sentencepiece.model"
 MODEL_MAX_LENGTH = 8192  # ModernBERT's tokenizer_config value; the model's context is set by its own config
 
-# A private flag registry: this module's flags cannot collide with another module's in one process (tests, notebooks).
-FLAGS = flags.FlagValues()
-flags.DEFINE_multi_string("input", None, "text file, JSONL file (field \"text\") or folder of them; repeatable",
-                          flag_values=FLAGS)
-flags.DEFINE_integer("vocab_size", 8192, "vocabulary size including the 5 special tokens", flag_values=FLAGS)
-flags.DEFINE_enum("kind", "bpe", KINDS, "byte-level BPE (ModernBERT's kind) or a SentencePiece Unigram model",
-                  flag_values=FLAGS)
-flags.DEFINE_string("out", None, "folder to write the tokenizer to", flag_values=FLAGS)
+class TextTokenizer:
+    """A Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json) read with `tokenizers`.
+
+    `encode` and `decode` give what `transformers.AutoTokenizer.from_pretrained(folder)` gives for ModernBERT's
+    PreTrainedTokenizerFast: ids with the post-processor's special tokens, decoding special tokens kept.
+    """
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"no tokenizer.json in {folder!r}: expected a Hugging Face tokenizer folder")
+        self.folder = folder
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            if os.path.isfile(os.path.join(folder, name)):
+                with open(os.path.join(folder, name)) as f:
+                    config.update(json.load(f))
+
+        def token(key, default):
+            t = config.get(key, default)
+            return t.get("content") if isinstance(t, dict) else t
+
+        self.mask_token, self.cls_token, self.sep_token = (
+            token("mask_token", "[MASK]"), token("cls_token", "[CLS]"), token("sep_token", "[SEP]"))
+        self.mask_id, self.cls_id, self.sep_id = (
+            self._tok.token_to_id(t) if t else None for t in (self.mask_token, self.cls_token, self.sep_token))
+        # transformers skips the WordPiece-era clean-up for BPE models unless forced.
+        self._clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(self._tok.model).__name__ != "BPE"
+            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids with the special tokens the tokenizer adds ([CLS] ... [SEP] for ModernBERT)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if self._clean_up:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
 
 
 class Tokenizer:
@@ -385,6 +424,13 @@ def main(argv: list[str], subcommand: str | None = None) -> int:
     prog = argv[0] if argv else "ettin tokenizer"
     from ettin_jax import cli
     # parse_flags unparses first: a second call in one process must not add to the first call's --input list.
+    FLAGS = flags.FlagValues()  # private: made when the command runs, never on import
+    flags.DEFINE_multi_string("input", None, "text file, JSONL file (field \"text\") or folder of them; repeatable",
+                              flag_values=FLAGS)
+    flags.DEFINE_integer("vocab_size", 8192, "vocabulary size including the 5 special tokens", flag_values=FLAGS)
+    flags.DEFINE_enum("kind", "bpe", KINDS, "byte-level BPE (ModernBERT's kind) or a SentencePiece Unigram model",
+                      flag_values=FLAGS)
+    flags.DEFINE_string("out", None, "folder to write the tokenizer to", flag_values=FLAGS)
     positional = cli.parse_flags(FLAGS, argv, USAGE, positional=True)
     if isinstance(positional, int):
         return positional

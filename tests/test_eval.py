@@ -13,7 +13,7 @@ from ettin_jax import attention
 from ettin_jax.evaluation import classification, likelihood, metrics, retrieval, runner, tasks
 from ettin_jax.evaluation import cli as eval_cli
 from ettin_jax.evaluation.models import Model
-from ettin_jax.inference import TextTokenizer
+from ettin_jax.tokenizer import TextTokenizer
 from ettin_jax.model import Ettin, ModelConfig, init_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from ettin_jax.evaluation import likelihood, tasks  # noqa: E402
 from ettin_jax.evaluation.models import Model  # noqa: E402
-from ettin_jax.inference import TextTokenizer  # noqa: E402
+from ettin_jax.tokenizer import TextTokenizer  # noqa: E402
 from ettin_jax.model import ModelConfig, init_params  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

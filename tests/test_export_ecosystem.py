@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ettin_jax import checkpoint, flops, hf, inference
+from ettin_jax import tokenizer as tokenizer_lib
 from ettin_jax.model import ModelConfig, init_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,18 +66,18 @@ def test_exported_tokenizers_suit_their_architecture(zero_folders):
     reading of each folder (TextTokenizer) gives the ids transformers gives."""
     from transformers import AutoTokenizer
     text = "def main():\n    return 1"
-    plain = inference.TextTokenizer(TOKENIZER)._tok.encode(text, add_special_tokens=False).ids
+    plain = tokenizer_lib.TextTokenizer(TOKENIZER)._tok.encode(text, add_special_tokens=False).ids
     expected = {"encoder": [1] + plain + [2], "decoder": [1] + plain}
     folders = zero_folders
     for arch, folder in folders.items():
         tok = AutoTokenizer.from_pretrained(folder)
         assert tok(text).input_ids == expected[arch], arch
-        assert inference.TextTokenizer(folder).encode(text) == expected[arch], arch
+        assert tokenizer_lib.TextTokenizer(folder).encode(text) == expected[arch], arch
         ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad", "cls", "sep", "mask", "unk")}
         assert ids == dict(bos=1, eos=2, pad=3, cls=1, sep=2, mask=4, unk=0), arch
     gen = json.load(open(os.path.join(folders["decoder"], "generation_config.json")))
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"], gen["do_sample"]) == (1, 2, 3, False)
-    assert gen["max_new_tokens"] == inference.FLAGS["generate"]["max_new_tokens"].default
+    assert gen["max_new_tokens"] == inference.define_flags("generate")["max_new_tokens"].default
     assert not os.path.exists(os.path.join(folders["decoder"], "modules.json"))  # embeddings are the encoder's
 
 
@@ -94,7 +95,7 @@ def test_text_generation_pipeline_equals_ettin_generate(folders):
         ours = json.loads(_run_cli(inference.main, ["ettin generate", f"--model={folders['decoder']}",
                                                     f"--prompt={prompt}", "--greedy", "--json"]).splitlines()[-1])
         theirs = generate(prompt, return_tensors=True)[0]["generated_token_ids"]
-        prompt_ids = inference.encode_prompt(inference.TextTokenizer(folders["decoder"]), prompt)
+        prompt_ids = inference.encode_prompt(tokenizer_lib.TextTokenizer(folders["decoder"]), prompt)
         assert theirs[:len(prompt_ids)] == prompt_ids
         assert theirs[len(prompt_ids):] == ours["token_ids"], prompt
         prompt_lens.append(len(set(ours["token_ids"])))

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ettin_jax import attention, inference
+from ettin_jax import tokenizer as tokenizer_lib
 from ettin_jax.kernels.cpu import screened_argmax
 from ettin_jax.model import Ettin, init_cache
 
@@ -96,7 +97,7 @@ def test_tokenizer_matches_autotokenizer(folders, which):
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
         pytest.skip(f"no tokenizer in {folder}")
     hf_tok = AutoTokenizer.from_pretrained(folder)
-    ours = inference.TextTokenizer(folder)
+    ours = tokenizer_lib.TextTokenizer(folder)
     for text in ["Paris is the [MASK] of France.", "The quick [MASK] fox[MASK] jumps", PROMPT, "naïve ünïcode 🙂",
                  "def f(x):\n    return x  # [CLS] inside [SEP]", "  spaces  and\ttabs "]:
         ids = hf_tok(text)["input_ids"]
@@ -115,7 +116,7 @@ def test_fill_mask_matches_pipeline(folders, text):
                                  device="cpu")
     params, cfg, arch, tok_dir = inference.load_model(folders["encoder"])
     assert arch == "encoder" and tok_dir == folders["encoder"]
-    ours = inference.fill_mask(params, cfg, inference.TextTokenizer(tok_dir), text, top_k=7)
+    ours = inference.fill_mask(params, cfg, tokenizer_lib.TextTokenizer(tok_dir), text, top_k=7)
     theirs = pipe(text, top_k=7)
     if isinstance(theirs[0], dict):  # one mask: a flat list, as the pipeline returns it
         ours, theirs = [ours], [theirs]
@@ -138,7 +139,7 @@ def _hf_greedy(folder, ids, n):
 def test_greedy_generation_matches_transformers(folders, decoder):
     params, cfg, arch, tok_dir = decoder
     assert arch == "decoder"
-    ids = inference.encode_prompt(inference.TextTokenizer(tok_dir), PROMPT)
+    ids = inference.encode_prompt(tokenizer_lib.TextTokenizer(tok_dir), PROMPT)
     assert ids[0] == 1 and ids[-1] != 2 and len(ids) > LOCAL_ATTENTION  # [CLS] text, the [SEP] dropped
     ours = inference.generate(params, cfg, ids, 32)
     assert ours == _hf_greedy(folders["decoder"], ids, 32)
@@ -258,11 +259,11 @@ def test_cli_json_equals_library(folders, decoder, capsys):
                           "--top_k=3", "--json")
     assert code == 0, err
     params, cfg, _, tok_dir = inference.load_model(enc)
-    expected = inference.fill_mask(params, cfg, inference.TextTokenizer(tok_dir), "Paris is the [MASK] of France.", 3)
+    expected = inference.fill_mask(params, cfg, tokenizer_lib.TextTokenizer(tok_dir), "Paris is the [MASK] of France.", 3)
     assert json.loads(out.strip().splitlines()[-1]) == pytest.approx(expected)
 
     params, cfg, _, tok_dir = decoder
-    tok = inference.TextTokenizer(tok_dir)
+    tok = tokenizer_lib.TextTokenizer(tok_dir)
     code, out, err = _cli(capsys, "generate", f"--model={folders['decoder']}", f"--prompt={PROMPT}",
                           "--max_new_tokens=32", "--json")
     assert code == 0, err

@@ -18,12 +18,6 @@ from absl import flags
 
 from ettin_jax.data.pipeline import batch_hash
 
-FLAGS = flags.FlagValues()
-flags.DEFINE_string("workdir", None, "the run's workdir (holds provenance/)", flag_values=FLAGS)
-flags.DEFINE_integer("step", None, "the step whose batch to print", flag_values=FLAGS)
-flags.DEFINE_bool("json", False, "print the merged record as JSON", flag_values=FLAGS)
-
-
 class ProvenanceWriter:
     """Appends per-step provenance records under `workdir/provenance/`."""
 
@@ -90,6 +84,10 @@ def main(argv, subcommand=None):
     del subcommand
     prog = argv[0] if argv else "ettin batches"
     from ettin_jax import cli
+    FLAGS = flags.FlagValues()  # private: made when the command runs, never on import
+    flags.DEFINE_string("workdir", None, "the run's workdir (holds provenance/)", flag_values=FLAGS)
+    flags.DEFINE_integer("step", None, "the step whose batch to print", flag_values=FLAGS)
+    flags.DEFINE_bool("json", False, "print the merged record as JSON", flag_values=FLAGS)
     rest = cli.parse_flags(FLAGS, argv, USAGE)
     if isinstance(rest, int):
         return rest

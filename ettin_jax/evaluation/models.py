@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ettin_jax import attention
-from ettin_jax.inference import TextTokenizer, load_model
+from ettin_jax.inference import load_model
+from ettin_jax.tokenizer import TextTokenizer
 from ettin_jax.model import Ettin, ModelConfig
 
 MASKS = {"encoder": attention.BIDIRECTIONAL, "decoder": attention.CAUSAL}
