@@ -46,8 +46,11 @@ def read_json(workdir: str, name: str):
     path = _json_path(workdir, name)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file was cut short or edited") from None
 
 
 def save_models(workdir: str, models: dict[str, ModelConfig]):

@@ -301,12 +301,19 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
 
 
 def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if files:
         sd = {}
         for f in files:
-            sd.update(load_file(os.path.join(hf_dir, f)))
+            path = os.path.join(hf_dir, f)
+            try:
+                sd.update(load_file(path))
+            except (SafetensorError, OSError) as e:  # a download cut short, a disk error, a folder of that name
+                size = f"{os.path.getsize(path):,} bytes" if os.path.isfile(path) else "not a file"
+                raise ConversionError(f"{path} ({size}) is not a complete safetensors file ({e}); download or "
+                                      "export it again") from None
         return sd
     if os.path.exists(os.path.join(hf_dir, "pytorch_model.bin")):
         import torch
@@ -320,19 +327,32 @@ def _tokenizer_special_ids(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in _read_json(path).get("added_tokens", [])}
     found = {"mask_token_id": added.get("[MASK]", added.get("<mask>")), "unk_token_id": added.get("[UNK]")}
     return {k: v for k, v in found.items() if v is not None}
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from a file of a Hugging Face folder; a malformed one is a ConversionError naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); the file was cut short or damaged") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
 def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
     """(params, ModelConfig, arch) from a Hugging Face folder (ours or a released Ettin checkpoint)."""
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir!r} is not a folder: expected a Hugging Face folder (config.json and "
+                              "model.safetensors)")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{hf_dir}: config.json is missing")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = _read_json(path)
     cfg, arch = model_config_from_hf(hf, **_tokenizer_special_ids(hf_dir))
     sd = read_hf_state_dict(hf_dir)
     # Checkpoints saved in bf16 (or with a "model." prefix-less layout) are normalised here.
@@ -432,7 +452,7 @@ def main(argv, subcommand=None):
             import_hf(fv.hf, fv.workdir, as_arch=fv["as"].value)
             print(f"imported {fv.hf} into {fv.workdir}; continue training with "
                   f"--config.init_from={fv.workdir} --config.init_mode=weights")
-    except (ConversionError, ValueError, FileNotFoundError) as e:
-        print(f"{argv[0]}: error: {e}", file=sys.stderr)
+    except (ConversionError, ValueError, OSError) as e:
+        print(f"{argv[0]}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     return 0

@@ -61,7 +61,8 @@ class TextTokenizer:
         if not os.path.isfile(path):
             raise ValueError(f"no tokenizer.json in {folder!r}: expected a Hugging Face tokenizer folder")
         self.folder = folder
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        from ettin_jax.tokenizer import read_tokenizer_json
+        self._tok = read_tokenizer_json(path)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if os.path.isfile(os.path.join(folder, name)):
@@ -415,7 +416,7 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
         else:
             line = _run_generate(fv, params, cfg, arch, tokenizer)
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     if fv.json:
         print(line)

@@ -55,7 +55,7 @@ def main(argv, subcommand="eval") -> int:
             glue_dir=FLAGS.glue_dir, finetune=classification.FinetuneConfig(lrs=lrs, epochs=FLAGS.epochs),
             contrastive=retrieval.ContrastiveConfig(steps=FLAGS.contrastive_steps), log=log)
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     print(runner.format_table(results))
     with open(FLAGS.out, "w") as f:
