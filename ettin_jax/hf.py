@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
@@ -276,6 +277,7 @@ def from_hf_state_dict(sd: dict, cfg: ModelConfig, arch: str) -> dict:
 def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_dir: Optional[str] = None):
     """Writes config.json, model.safetensors and the tokenizer files; written to a temporary folder first and
     renamed into place, so a failure leaves nothing half-written."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     config = hf_config(cfg, arch)
     tensors = to_hf_state_dict(params, cfg, arch)
@@ -284,7 +286,15 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
     os.makedirs(tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(tmp, "model.safetensors")
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # e.g. a full disk, as "... (os error 28)", naming no file
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+        raise
     if tokenizer_dir:
         copied = 0
         for name in TOKENIZER_FILES:

@@ -248,3 +248,20 @@ def test_read_only_and_full_workdirs(sub, disk, expected, hf_folder, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"ettin {sub}: "), r.stderr[-3000:]
     assert expected in r.stderr and str(mnt) in r.stderr
+
+
+def test_export_to_a_full_disk_names_the_file_and_leaves_nothing(hf_folder, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as "... (os error 28)", naming no file: the exporter names it."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    assert cli.main(["ettin", "import", f"--hf={hf_folder}", f"--workdir={tmp_path / 'w'}"]) == 0
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    err = one_line(capsys, ["export", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"])
+    assert f"no space left on the disk holding '{tmp_path / 'o.tmp' / 'model.safetensors'}'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
