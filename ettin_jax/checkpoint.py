@@ -10,9 +10,9 @@ A workdir holds everything a run needs to resume and everything a paper needs af
     provenance/          which documents formed each step's batch (`ettin batches`)
 
 Saves are asynchronous; Orbax writes each step to a temporary folder and renames it when complete, so a crash
-mid-save leaves the previous checkpoint as the latest
-(tests/test_checkpoint.py SIGKILLs the trainer inside a save and resumes). A checkpoint that still fails to read (a corrupt file) is
-skipped on resume, with a message, in favour of the newest one that reads.
+mid-save leaves the previous checkpoint as the latest (tests/test_checkpoint.py SIGKILLs the trainer inside a save
+and resumes). A checkpoint that still fails to read (a corrupt file) is skipped on resume, with a message, in favour
+of the newest one that reads.
 """
 from __future__ import annotations
 
