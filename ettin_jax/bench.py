@@ -208,17 +208,15 @@ def _fmt_bytes(n) -> str:
 
 def main(argv, subcommand=None) -> int:
     from absl import flags
-    from ml_collections import config_flags
+    from ettin_jax import cli
 
     fv = flags.FlagValues()  # private: the other subcommands' flags never clash with these
-    config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "ettin.py"),
-                                    "config file, with big_vision-style :args", lock_config=True, flag_values=fv,
-                                    sys_argv=argv)
+    cli.define_config_flag(fv, os.path.join(REPO_ROOT, "configs", "ettin.py"), argv,
+                           "config file, with big_vision-style :args")
     flags.DEFINE_integer("steps", 10, "timed calls (the median is reported)", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "untimed calls after compilation", flag_values=fv)
     flags.DEFINE_boolean("forward", True, "also time the inference forward (no head)", flag_values=fv)
     flags.DEFINE_boolean("json", False, "print the figures as JSON on the last line", flag_values=fv)
-    from ettin_jax import cli
     rest = cli.parse_flags(fv, argv, "--config=configs/ettin.py:size=17m,objective=mlm [--config.seq_len=1024 ...] "
                                      "[--steps=N] [--warmup=N] [--json]")
     if isinstance(rest, int):

@@ -11,8 +11,9 @@ A workdir holds everything a run needs to resume and everything a paper needs af
     provenance/          which documents formed each step's batch (`ettin batches`)
 
 Saves are asynchronous; Orbax writes each step to a temporary folder and renames it when complete, so a crash
-mid-save leaves the previous checkpoint as the latest. A checkpoint that still fails to read (a corrupt file) is
-skipped on resume, with a message, in favour of the newest one that reads.
+mid-save leaves the previous checkpoint as the latest (tests/test_checkpoint.py SIGKILLs the trainer inside a save
+and resumes). A checkpoint that still fails to read (a corrupt file) is skipped on resume, with a message, in favour
+of the newest one that reads.
 """
 from __future__ import annotations
 
@@ -69,8 +70,11 @@ def read_json(workdir: str, name: str):
     path = _json_path(workdir, name)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file was cut short or edited") from None
 
 
 def save_models(workdir: str, models: dict[str, ModelConfig]):

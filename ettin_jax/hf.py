@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 from typing import Optional
@@ -303,6 +304,7 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
     (`pooling`: how our evaluation pools, `SENTENCE_TRANSFORMERS_POOLING`), and the model card README.md (with
     `provenance`, from `workdir_provenance`). Written to a temporary folder first and renamed into place, so a
     failure leaves nothing half-written."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     config = hf_config(cfg, arch)
     tensors = to_hf_state_dict(params, cfg, arch)
@@ -315,7 +317,14 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
     os.makedirs(tmp)
     try:
         _write_json(tmp, "config.json", config)
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        path = os.path.join(tmp, "model.safetensors")
+        try:
+            save_file(tensors, path, metadata={"format": "pt"})
+        except SafetensorError as e:  # e.g. a full disk, as "... (os error 28)", naming no file
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code:
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+            raise
         if arch == "decoder":
             from ettin_jax.inference import DEFAULT_MAX_NEW_TOKENS
             # Greedy, as `ettin generate` without sampling flags, and as many new tokens as its default.
@@ -323,6 +332,8 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
                 bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
                 do_sample=False, max_new_tokens=DEFAULT_MAX_NEW_TOKENS))
         if tokenizer_dir:
+            if not any(os.path.exists(os.path.join(tokenizer_dir, name)) for name in TOKENIZER_FILES):
+                raise ConversionError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
             from ettin_jax.tokenizer import write_hf_tokenizer
             write_hf_tokenizer(tokenizer_dir, tmp, arch, {k: getattr(cfg, f"{k}_token_id")
                                                           for k in ("unk", "cls", "sep", "pad", "mask")})
@@ -339,6 +350,9 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
     except ValueError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConversionError(str(e)) from None
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
@@ -507,12 +521,19 @@ def model_card(cfg: ModelConfig, arch: str, path: str, *, num_params: int, prove
 
 
 def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if files:
         sd = {}
         for f in files:
-            sd.update(load_file(os.path.join(hf_dir, f)))
+            path = os.path.join(hf_dir, f)
+            try:
+                sd.update(load_file(path))
+            except (SafetensorError, OSError) as e:  # a download cut short, a disk error, a folder of that name
+                size = f"{os.path.getsize(path):,} bytes" if os.path.isfile(path) else "not a file"
+                raise ConversionError(f"{path} ({size}) is not a complete safetensors file ({e}); download or "
+                                      "export it again") from None
         return sd
     if os.path.exists(os.path.join(hf_dir, "pytorch_model.bin")):
         import torch
@@ -526,19 +547,32 @@ def _tokenizer_special_ids(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in _read_json(path).get("added_tokens", [])}
     found = {"mask_token_id": added.get("[MASK]", added.get("<mask>")), "unk_token_id": added.get("[UNK]")}
     return {k: v for k, v in found.items() if v is not None}
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from a file of a Hugging Face folder; a malformed one is a ConversionError naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); the file was cut short or damaged") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
 def load_hf_folder(hf_dir: str) -> tuple[dict, ModelConfig, str]:
     """(params, ModelConfig, arch) from a Hugging Face folder (ours or a released Ettin checkpoint)."""
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir!r} is not a folder: expected a Hugging Face folder (config.json and "
+                              "model.safetensors)")
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{hf_dir}: config.json is missing")
-    with open(path) as f:
-        hf = json.load(f)
+    hf = _read_json(path)
     cfg, arch = model_config_from_hf(hf, **_tokenizer_special_ids(hf_dir))
     sd = read_hf_state_dict(hf_dir)
     # Checkpoints saved in bf16 (or with a "model." prefix-less layout) are normalised here.
@@ -664,7 +698,7 @@ def main(argv, subcommand=None):
                   f"--config.init_from={fv.workdir} --config.init_mode=weights")
             if checkpoint_arch(fv.workdir) == "decoder":
                 print(FUSED_QKV_NOTE)
-    except (ConversionError, ValueError, FileNotFoundError) as e:
-        print(f"{argv[0]}: error: {e}", file=sys.stderr)
+    except (ConversionError, ValueError, OSError) as e:
+        print(f"{argv[0]}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     return 0

@@ -366,7 +366,7 @@ def main(argv: list[str], subcommand: str = "generate") -> int:
         else:
             line = _run_generate(fv, params, cfg, arch, tokenizer)
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     if fv.json:
         print(line)

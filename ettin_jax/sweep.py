@@ -174,12 +174,16 @@ def missing_field(config, key: str) -> Optional[str]:
     import difflib
     node, path = config, "config"
     for part in key.split(".")[1:]:
-        fields = list(node.keys()) if hasattr(node, "keys") else []
+        fields = [str(f) for f in node.keys()] if hasattr(node, "keys") else []
         if part not in fields:
-            close = difflib.get_close_matches(part, [str(f) for f in fields], n=3)
-            hint = f"; did you mean {' or '.join(repr(f'{path}.{c}') for c in close)}?" if close else (
-                f"; it has {', '.join(map(str, fields[:12]))}{', ...' if len(fields) > 12 else ''}" if fields else f"; {path} is not a config group")
-            return f"the config has no field {key!r} ({path} has no {part!r}{hint})"
+            close = difflib.get_close_matches(part, fields, n=3)
+            if close:
+                hint = f"; did you mean {' or '.join(repr(f'{path}.{c}') for c in close)}?"
+            elif fields:
+                hint = f"; {path} has {', '.join(fields[:12])}{', ...' if len(fields) > 12 else ''}"
+            else:
+                hint = f"; {path} is a value, not a config group"
+            return f"unknown config field {f'{path}.{part}'!r}{hint}"
         node, path = node[part], f"{path}.{part}"
     return None
 

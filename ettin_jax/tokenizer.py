@@ -47,7 +47,7 @@ class TextTokenizer:
         if not os.path.isfile(path):
             raise ValueError(f"no tokenizer.json in {folder!r}: expected a Hugging Face tokenizer folder")
         self.folder = folder
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        self._tok = read_tokenizer_json(path)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if os.path.isfile(os.path.join(folder, name)):
@@ -81,6 +81,20 @@ class TextTokenizer:
         return text
 
 
+def read_tokenizer_json(path: str):
+    """`tokenizers.Tokenizer.from_file`, with a malformed file (cut short, not a tokenizer) as a ValueError naming
+    it (the library raises a bare Exception with the parser's message)."""
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for every parse error
+        raise ValueError(f"{path} is not a readable tokenizer.json ({_one_line(e)}); copy or train the tokenizer "
+                         "again") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
+
+
 class Tokenizer:
     """A trained tokenizer: `encode` adds no special tokens; the special ids are attributes.
 
@@ -93,7 +107,7 @@ class Tokenizer:
         if not os.path.isfile(json_file):
             raise ValueError(f"no tokenizer.json in {self.path!r}: expected a folder written by `ettin tokenizer train`"
                              " or a Hugging Face tokenizer folder")
-        self._tok = tokenizers.Tokenizer.from_file(json_file)
+        self._tok = read_tokenizer_json(json_file)
         meta_file = os.path.join(self.path, METADATA_FILE)
         self.metadata = {}
         if os.path.isfile(meta_file):
@@ -444,9 +458,9 @@ def main(argv: list[str], subcommand: str | None = None) -> int:
         return 2
     try:
         tok = train_tokenizer(FLAGS.input, FLAGS.vocab_size, FLAGS.kind, FLAGS.out)
-    except ValueError as e:
-        print(f"{prog} train: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:
+        print(f"{prog} train: error: {cli.user_error(e) or e}", file=sys.stderr)
+        return 2
     trained = tok.metadata["trained_on"]
     print(f"wrote {tok.kind} tokenizer to {FLAGS.out}: vocab_size={tok.vocab_size}, special ids {tok.special_ids}; "
           f"trained on {trained['documents']} texts ({trained['bytes']} bytes) from {trained['files']} files, "

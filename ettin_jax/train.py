@@ -668,12 +668,11 @@ USAGE = ("--config=configs/ettin.py:size=SIZE,objective=OBJECTIVE,phase=PHASE --
 def main(argv, subcommand=None) -> int:
     """`ettin train`: flags in a private registry, so that a bad one is one line on stderr and exit status 2."""
     from absl import flags, logging
-    from ml_collections import config_flags
+    from ettin_jax import cli
 
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
-                                    "config file, with big_vision-style :args", lock_config=True, sys_argv=argv,
-                                    flag_values=fv)
+    cli.define_config_flag(fv, os.path.join(REPO_ROOT, "configs", "demo.py"), argv,
+                           "config file, with big_vision-style :args")
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and provenance go", flag_values=fv)
     flags.DEFINE_bool("allow_config_change", False, "resume a workdir whose run had a different config",
                       flag_values=fv)
@@ -685,7 +684,6 @@ def main(argv, subcommand=None) -> int:
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (multi-process runs)",
                          flag_values=fv)
-    from ettin_jax import cli
     rest = cli.parse_flags(fv, argv, USAGE)
     if isinstance(rest, int):
         return rest
@@ -700,10 +698,11 @@ def main(argv, subcommand=None) -> int:
         import shlex
         train(fv.config, fv.workdir, allow_config_change=fv.allow_config_change,
               command=shlex.join(["ettin", "train"] + list(argv[1:])))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"ettin train: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"ettin train: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        print(f"ettin train: {e}", file=sys.stderr)
-        return 1
+    except RuntimeError as e:  # the run stopped (a non-finite loss); an out-of-memory step is the user's to fix
+        line = cli.user_error(e)
+        print(f"ettin train: {line or e}", file=sys.stderr)
+        return 2 if line else 1
     return 0

@@ -109,8 +109,8 @@ def test_plan_resolves_points(config_file, tmp_path):
 
 @pytest.mark.parametrize("name,match", [
     ("nope", "unknown sweep 'nope'"),
-    ("typo", r"point 'peak_lrr=0\.001'.*no field 'config\.optimizer\.peak_lrr'"),
-    ("typo_nested", r"no field 'config\.nope\.x'"),
+    ("typo", r"point 'peak_lrr=0\.001'.*unknown config field 'config\.optimizer\.peak_lrr'; did you mean"),
+    ("typo_nested", r"config\.nope\.x.*unknown config field 'config\.nope'"),
     ("same", r"would share the workdir .*default"),
     ("bad_value", r"point 'objective=mlx'.*unknown objective 'mlx'"),
 ])
@@ -127,7 +127,7 @@ def test_bad_common_override(config_file, tmp_path):
 
 def test_cli_errors_are_clear(config_file, tmp_path):
     r = _ettin("sweep", f"--config={config_file}", "--sweep=typo", f"--workdir_root={tmp_path / 'r'}")
-    assert r.returncode == 2 and "no field 'config.optimizer.peak_lrr'" in r.stderr, r.stderr
+    assert r.returncode == 2 and "unknown config field 'config.optimizer.peak_lrr'" in r.stderr, r.stderr
     r = _ettin("sweep", f"--config={config_file}", "--sweep=two", f"--workdir_root={tmp_path / 'r'}", "--tpu=v")
     assert r.returncode == 2 and "--dry_run" in r.stderr
     r = _ettin("sweep-report", f"--workdir_root={tmp_path / 'empty'}")

@@ -96,9 +96,9 @@ def main(argv, subcommand=None):
         return 2
     try:
         rec = read_step(FLAGS.workdir, FLAGS.step)
-    except ValueError as e:
-        print(f"ettin batches: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {cli.user_error(e) or e}", file=sys.stderr)
+        return 2
     if FLAGS.json:
         print(json.dumps(rec, indent=1))
         return 0

@@ -58,7 +58,7 @@ def main(argv, subcommand="eval") -> int:
             contrastive=retrieval.ContrastiveConfig(steps=FLAGS.contrastive_steps),
             save_retrieval=FLAGS.save_retrieval, log=log)
     except (ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {cli.user_error(e) or e}", file=sys.stderr)
         return 2
     print(runner.format_table(results))
     with open(FLAGS.out, "w") as f:
