@@ -345,3 +345,30 @@ def test_default_corpus_hosts_and_resume():
     again = _default_pipe(**kw).iterator()
     again.set_state(it.get_state())
     assert_batches_equal(take(again, 3), full[3:])
+
+
+def test_data_stats_survive_a_resume(tmp_path):
+    """The counts (data_stats.json) go on from the saved state: equal to one uninterrupted run's, not from zero."""
+    paths = synthetic_corpus(tmp_path)
+    for path in paths:
+        with open(path, "ab") as f:
+            f.write(b"\xff\xfe not utf-8\n{not json\n" * 5 + json.dumps({"id": "e", "text": " "}).encode() + b"\n")
+    cfg = synthetic_config(paths, max_skip_fraction=1.0)
+
+    def make():
+        return data.make_pipeline(cfg, seq_len=256, global_batch_size=8, seed=0, mlm_rate=0.0, tokenizer=TOK)
+
+    whole = make()
+    take(whole.iterator(), 12)
+    first = make()
+    it = first.iterator()
+    take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make()
+    again = resumed.iterator()
+    again.set_state(state)
+    take(again, 7)
+    expected = whole.stats()
+    assert expected["rows"] == 12 * 8 and expected["skipped"] >= 3 and expected["skipped_examples"]
+    assert expected["documents_read"] >= expected["documents_used"] > 0 and expected["chunks"] > 0
+    assert resumed.stats() == expected

@@ -198,11 +198,11 @@ class ParquetSource(Source):
         cols = [self.text_field] + ([self.id_field] if has_id else [])
         try:
             table = pq.ParquetFile(path).read_row_group(g, columns=cols)
-        except (pyarrow.ArrowException, OSError) as e:
+            ids = table.column(self.id_field).to_pylist() if has_id else None
+            return table.column(self.text_field).to_pylist(), ids
+        except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:
             raise ValueError(f"source {self.name!r}: parquet file {path} row group {g} cannot be read "
                              f"({str(e).splitlines()[0]}): the file is corrupt") from None
-        ids = table.column(self.id_field).to_pylist() if has_id else None
-        return table.column(self.text_field).to_pylist(), ids
 
     def load(self, i, stats):
         k = bisect.bisect_right(self.cumulative, i) - 1
