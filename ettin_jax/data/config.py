@@ -19,6 +19,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle = True              # per-epoch document shuffle within each source
     c.packing = True              # False: one chunk per row, padded
     c.num_open_rows = 64          # packer pool size (more: denser rows, more reordering)
+    c.max_row_wait = 256          # a row open while this many more chunks came is closed (padded): no chunk waits
+                                  # longer than 2 * max_row_wait + 2 rows of its stream (packing.py); 0: no bound
     c.num_streams = 16            # fixed packing streams (the data depends on it, not on the host count);
                                   # the host count must divide it: each host packs its own share
     c.num_workers = 0             # > 0: a background thread prefetches this many batches

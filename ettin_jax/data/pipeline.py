@@ -107,7 +107,7 @@ class _Stream:
         self.refs = pipe._doc_refs[s::pipe.num_streams]
         self.doc_pos, self.cur, self.rows_out = 0, None, 0
         self.packer = packing.BestFitPacker(pipe.seq_len, pipe.cfg.num_open_rows, pipe.cfg.min_chunk_tokens,
-                                            enabled=pipe.cfg.packing)
+                                            enabled=pipe.cfg.packing, max_wait=int(pipe.cfg.max_row_wait))
         self.docs = {}   # doc_pos -> (source, doc_id, parts: str to tokenize, or int32 tokens), or _Skipped
         self.units = {}  # (doc_pos, part) -> _Unit
         self.part_offsets = {}  # (doc_pos, part) -> token offset of that part of a split document
@@ -259,7 +259,7 @@ class _Stream:
     def _evict(self):
         if len(self.docs) < 4 * max(1, self.p.cfg.tokenize_lookahead):
             return
-        live = [k[0] for _, keys in self.packer.open for k in keys] + [k[0] for keys in self.packer.ready
+        live = [k[0] for _, keys, _ in self.packer.open for k in keys] + [k[0] for keys in self.packer.ready
                                                                         for k in keys]
         if self.cur is not None:
             live.append(self.cur[0])
