@@ -301,7 +301,7 @@ def test_default_corpus_packing_efficiency_at_1024():
         lengths = iter(map(len, pipe.tokenizer.encode_batch([t for p in parts for t in p])))
         for i, p in enumerate(parts):
             parts_tokens[k, i] = [next(lengths) for _ in p]
-    packer = packing.BestFitPacker(1024, cfg.num_open_rows, cfg.min_chunk_tokens)
+    packer = packing.BestFitPacker(1024, cfg.num_open_rows, cfg.min_chunk_tokens, max_wait=cfg.max_row_wait)
     length, rows, pool_full_at = {}, [], None
     d, warmup, measured = 0, 40_000, 20_000
     while len(rows) < warmup + measured:
@@ -423,20 +423,24 @@ def test_batches_with_the_packer_bound_are_the_same_on_any_host_count(tmp_path):
 
 
 def test_resume_restores_open_rows_that_close_within_the_compared_steps(tmp_path):
-    """Issue 27: a resume that dropped the packer's open rows passed every test, because no test compared steps
-    far enough for a row open at the save to leave. Here every row open at the save leaves before the end."""
-    over = dict(batch=4, mlm_rate=0.0, num_open_rows=2, num_streams=2, max_row_wait=0)
+    """Issue 27: a resume that dropped the packer's open rows passed every test, because no test compared steps far
+    enough for a row open at the save to leave. Here (2 open rows at most, max_row_wait=8: a chunk leaves within
+    18 rows of its stream, 9 steps) every chunk open at the save leaves within the 20 compared steps."""
+    over = dict(batch=4, mlm_rate=0.0, num_open_rows=2, num_streams=2, max_row_wait=8)
     k, horizon = 3, 20
-    full = take(_pipe(tmp_path, **over).iterator(), k + horizon)
+
+    def open_keys(state):
+        return {(s, tuple(key)) for s, st in state["streams"].items()
+                for row in st["packer"]["open"] + st["packer"]["ready"] for key in row}
+
+    whole = _pipe(tmp_path, **over).iterator()
+    full = take(whole, k + horizon)
     it = _pipe(tmp_path, **over).iterator()
     take(it, k)
     state = json.loads(json.dumps(it.get_state()))
-    saved = {s: {tuple(map(tuple, row)) for row in st["packer"]["open"]} for s, st in state["streams"].items()}
-    assert any(saved.values())  # there are open rows to restore
+    saved = open_keys(state)
+    assert saved  # there are open rows to restore ...
+    assert not saved & open_keys(whole.get_state())  # ... and they leave within the compared steps
     again = _pipe(tmp_path, **over).iterator()
     again.set_state(state)
     assert_batches_equal(take(again, horizon), full[k:])
-    # ... and they left within the compared steps (a resume that dropped them would differ above).
-    end = again.get_state()["streams"]
-    for s, rows in saved.items():
-        assert not rows & {tuple(map(tuple, row)) for row in end[s]["packer"]["open"] + end[s]["packer"]["ready"]}
