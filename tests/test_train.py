@@ -306,6 +306,8 @@ def test_a_token_budget_ends_the_run_where_the_schedule_ends(tmp_path):
     train.train(cfg(), b, log=msgs.append)
     assert any("resumed from step 2" in m for m in msgs)
     assert losses(b) == losses(a) and max(losses(b)) == last
+    # The data counts went on from the checkpoint (they are in the data iterator's state), not from zero.
+    assert json.load(open(os.path.join(b, "data_stats.json"))) == json.load(open(os.path.join(a, "data_stats.json")))
 
     from ettin_jax import data
     c = cfg()
