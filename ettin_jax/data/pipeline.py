@@ -22,7 +22,9 @@ size, N), whatever the host count or worker count:
 State. A stream's state is its document cursor, the chunk it is in, the rows it has handed out and its packer's
 open rows as chunk keys (document position, part, chunk index) and, inside a split document, where its parts start
 in the document's tokens — JSON, a few KB per stream; documents are re-read and re-tokenized on restore. The
-iterator's state is {version, step, this host's streams, fingerprint, shard}; `iterator(start_step=N)` without a
+iterator's state is {version, step, this host's streams, fingerprint, shard, stats}: the counts (DataStats) are
+made when a stream reaches what they count, never when it is loaded ahead, so a restored run counts on exactly as an
+uninterrupted one (data_stats.json survives a resume); `iterator(start_step=N)` without a
 state replays this host's streams from the start (cost: tokenizing this host's share of everything up to step N),
 which is how a run resumes on a different host count.
 """
