@@ -412,6 +412,27 @@ def test_replay_rows_with_out_of_range_ids_are_left_empty_and_counted(tmp_path):
     assert pipe.stats()["skipped/bad_token_ids"] == 1 and "row 1" in pipe.stats()["skipped_examples"][0]
 
 
+def test_unreadable_text_files_are_skipped_and_a_broken_tfds_source_is_one_line(tmp_path):
+    from ettin_jax.data import sources
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        (tmp_path / "txt" / f"f{i}.txt").write_text(f"plain text file {i} " * 15)
+    (tmp_path / "txt" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")  # listed, but cannot be read
+    pipe = _make(_one_source(dict(format="text", path=str(tmp_path / "txt")), max_skip_fraction=1.0), seq_len=256)
+    assert not any(d.endswith("gone.txt") for d in _docs_of(pipe, 4))
+    s = pipe.stats()
+    assert s["skipped/unreadable"] >= 1 and "gone.txt" in s["skipped_examples"][0]
+
+    class Broken:
+        def __getitem__(self, i):
+            raise OSError("array_record: corrupt chunk")
+    tfds_source = object.__new__(sources.TfdsSource)
+    tfds_source.name, tfds_source.dataset, tfds_source.split, tfds_source.ds = "t", "tiny", "train", Broken()
+    tfds_source.text_field, tfds_source.id_field = "text", "id"
+    with pytest.raises(ValueError, match=r"source 't': TFDS tiny/train example 3 cannot be read \(OSError: array_record"):
+        tfds_source.load(3, DataStats())
+
+
 def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path):
     pq.write_table(pa.table({"text": [f"parquet row {i} " * 10 for i in range(30)]}), tmp_path / "good.parquet",
                    compression="zstd")

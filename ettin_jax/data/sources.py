@@ -161,7 +161,12 @@ class TextSource(Source):
 
     def load(self, i, stats):
         path = self.files[i]
-        text = decode_text(epath.Path(path).read_bytes(), stats, where=path)
+        try:
+            raw = epath.Path(path).read_bytes()
+        except OSError as e:  # gone or unreadable since the source was opened
+            stats.skip("unreadable", where=f"{path} ({e.strerror or e})")
+            return None
+        text = decode_text(raw, stats, where=path)
         if text is None:
             return None
         return {"source": self.name, "doc_id": path, "text": text}
@@ -232,7 +237,11 @@ class TfdsSource(Source):
         return len(self.ds)
 
     def load(self, i, stats):
-        ex = self.ds[i]
+        try:
+            ex = self.ds[i]
+        except (OSError, ValueError, RuntimeError, IndexError) as e:  # a corrupt or missing ArrayRecord file
+            raise ValueError(f"source {self.name!r}: TFDS {self.dataset}/{self.split} example {i} cannot be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         text = _text_value(ex.get(self.text_field), stats, f"TFDS {self.dataset}/{self.split} example {i}")
         if text is None:
             return None

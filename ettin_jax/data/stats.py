@@ -18,7 +18,8 @@ class DataStats:
       documents_read        documents taken from the mixture by the streams (skipped ones included; a document
                             read again in a later epoch counts again)
       documents_used        documents that gave at least one chunk
-      skipped/<reason>      documents skipped, by reason: empty, non_utf8, binary, bad_json, no_text (text sources),
+      skipped/<reason>      documents skipped, by reason: empty, non_utf8, binary, bad_json, no_text, unreadable
+                            (text sources),
                             corrupt (an MDS shard or sample that failed its check, with on_bad_sample=skip),
                             bad_token_ids (pre-tokenized ids outside [0, vocab_size))
       skipped               all of them
