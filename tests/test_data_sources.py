@@ -205,6 +205,11 @@ def test_clear_errors_before_training(tmp_path):
     cfg.sources = []
     with pytest.raises(ValueError, match="no sources"):
         _make(cfg)
+    for key, value, message in (("on_bad_sample", "ignore", "on_bad_sample='ignore'.*'error'.*'skip'"),
+                                ("max_skip_fraction", 1.5, r"max_skip_fraction=1.5 must be in \[0, 1\]"),
+                                ("max_row_wait", -1, "max_row_wait=-1 must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            _make(synthetic_config(paths, **{key: value}))
 
 
 def _write_data_order(tmp_path, n_steps=6, batch=4, seq_len=64):

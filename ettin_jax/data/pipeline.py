@@ -604,6 +604,7 @@ def make_pipeline(data_config, *, seq_len: int, global_batch_size: int, seed: in
     _check(int(cfg.num_workers) >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
     _check(cfg.on_bad_sample in ("error", "skip"),
            f"data.on_bad_sample={cfg.on_bad_sample!r}; expected 'error' (refuse a corrupt shard) or 'skip'")
+    _check(int(cfg.max_row_wait) >= 0, f"data.max_row_wait={cfg.max_row_wait} must be >= 0 (0: no bound)")
     _check(0.0 <= float(cfg.max_skip_fraction) <= 1.0,
            f"data.max_skip_fraction={cfg.max_skip_fraction} must be in [0, 1]")
     if tokenizer is None:
