@@ -33,8 +33,11 @@ from ettin_jax.model import Ettin, ModelConfig, abstract_params, init_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fields that may change between a run and its resumption without --allow_config_change.
+# data.on_bad_sample / max_skip_fraction / verify_hashes: a run stopped by bad data resumes with them changed (they
+# decide what happens to bad input, never which batches good input makes).
 MUTABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "checkpoint_every_tokens", "keep_last",
-                  "data.num_workers", "total_steps")
+                  "data.num_workers", "total_steps", "data.on_bad_sample", "data.max_skip_fraction",
+                  "data.verify_hashes")
 
 
 # ----------------------------------------------------------------------------------------------- set-up

@@ -63,6 +63,33 @@ def test_grain_packer_efficiency_for_reference():
     rows = []
     for i, n in enumerate(lengths):
         p.add(i, int(n))
-    rows = list(p.ready) + [keys for _, keys in p.open]
+    rows = list(p.ready) + [keys for _, keys, _ in p.open]
     ours = lengths.sum() / (1024 * len(rows))
     assert ours > 0.98 and ours > grain_eff + 0.02, (ours, grain_eff)
+
+
+def _waits(lengths, num_open_rows, max_wait):
+    """Per chunk: how many rows later than the one its stream was making when it came it leaves (the stream pops
+    every closed row before it adds the next chunk, as pipeline.py's streams do)."""
+    p = packing.BestFitPacker(1024, num_open_rows, 32, max_wait=max_wait)
+    made, added_at, waits = 0, {}, []
+    for i, n in enumerate(lengths):
+        added_at[i] = made
+        p.add(i, int(n))
+        while (row := p.pop()) is not None:
+            waits += [made - added_at.pop(k) for k in row]
+            made += 1
+    return waits, added_at  # added_at: the chunks still open at the end
+
+
+@pytest.mark.parametrize("max_wait", [1, 8, 32])
+def test_no_chunk_waits_longer_than_the_bound(max_wait):
+    """packing.py's bound: a chunk added while its stream makes row r leaves in a row <= r + 2 * max_wait + 2."""
+    rng = np.random.default_rng(max_wait)
+    # Mostly long chunks that rarely fit together, some short ones: rows stay open (the issue's small-pool case).
+    lengths = np.where(rng.random(5000) < 0.3, rng.integers(32, 100, 5000), rng.integers(400, 900, 5000))
+    waits, still_open = _waits(lengths, 64, max_wait)
+    assert max(waits) <= 2 * max_wait + 2, (max_wait, max(waits))
+    assert min(still_open) >= len(lengths) - max_wait - 1  # the chunks open at the end came in the last max_wait
+    unbounded, _ = _waits(lengths, 64, 0)
+    assert max(unbounded) > 1000  # without the bound some chunk waits over a thousand rows

@@ -1,17 +1,21 @@
 """Tests of ettin_jax.data's sources: MDS, TFDS, Parquet, text, replay; bad input counted; clear errors."""
+import hashlib
 import importlib.resources
 import json
+import os
+import re
 import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 import ettin_jax.data as data
 from ettin_jax.data import mds
 from ettin_jax.data.stats import DataStats
-from test_data_util import ByteTokenizer, synthetic_config, synthetic_corpus, take, write_jsonl
+from test_data_util import REPO, ByteTokenizer, synthetic_config, synthetic_corpus, take, write_jsonl
 
 TOK = ByteTokenizer()
 
@@ -201,6 +205,11 @@ def test_clear_errors_before_training(tmp_path):
     cfg.sources = []
     with pytest.raises(ValueError, match="no sources"):
         _make(cfg)
+    for key, value, message in (("on_bad_sample", "ignore", "on_bad_sample='ignore'.*'error'.*'skip'"),
+                                ("max_skip_fraction", 1.5, r"max_skip_fraction=1.5 must be in \[0, 1\]"),
+                                ("max_row_wait", -1, "max_row_wait=-1 must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            _make(synthetic_config(paths, **{key: value}))
 
 
 def _write_data_order(tmp_path, n_steps=6, batch=4, seq_len=64):
@@ -253,3 +262,213 @@ def test_stats_fields():
     s.skip("binary")
     d = s.as_dict()
     assert d["packing_efficiency"] == pytest.approx(0.98) and d["skipped"] == 1 and d["skipped/binary"] == 1
+
+
+# -- integrity at the door: corrupt MDS shards, out-of-range ids, the skip limit -----------------------------------
+
+def _mds_pool(path, n=120, compression=None, size_limit=1 << 26, bad_every=0, seed=0):
+    """n documents of byte-tokenizer ids; with bad_every=k, every k-th one (from k - 1) has an id >= vocab_size."""
+    rng = np.random.default_rng(seed)
+    with mds.MdsWriter(path, {"id": "str", "input_ids": "ndarray:uint32"}, compression=compression,
+                       size_limit=size_limit) as w:
+        for i in range(n):
+            ids = rng.integers(5, TOK.vocab_size, size=int(rng.integers(40, 400))).astype(np.uint32)
+            if bad_every and i % bad_every == bad_every - 1:
+                ids[len(ids) // 2] = TOK.vocab_size + i
+            w.write({"id": f"doc-{i}", "input_ids": ids})
+    return sorted(str(p) for p in path.glob("shard.*"))
+
+
+def _flip(path, at, xor=0xFF):
+    b = bytearray(open(path, "rb").read())
+    b[at] ^= xor
+    open(path, "wb").write(bytes(b))
+
+
+def _token_byte(path, sample=60, token=10):
+    """The offset of the high byte of input_ids[token] of `sample` in an uncompressed shard (see mds.py's layout):
+    two uint32 column sizes, the id (doc-NN), ndarray's shape header (one byte: ndim << 2 | shape dtype code, then
+    the shape), then the uint32 ids."""
+    data = open(path, "rb").read()
+    begin = int(np.frombuffer(data, np.uint32, count=1, offset=4 + 4 * sample)[0])
+    id_len = int(np.frombuffer(data, np.uint32, count=1, offset=begin)[0])
+    head = data[begin + 8 + id_len]
+    return begin + 8 + id_len + 1 + (head >> 2) * (1 << (head & 3)) + 4 * token + 3
+
+
+# The bad inputs of issue 27: (pool compression, where the byte is flipped, what a check without hashes says).
+_CORRUPTIONS = {
+    "offset_table": (None, lambda p: 4 + 4 * 3 + 2, "corrupt offset table"),
+    "zstd_header": ("zstd", lambda p: 1, "not a readable zstd file"),
+    "zstd_payload": ("zstd", lambda p: os.path.getsize(p) // 2, "cannot be decoded"),
+    "raw_tokens": (None, _token_byte, "bad_token_ids"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CORRUPTIONS))
+def test_corrupt_mds_shard_is_refused_naming_the_file(tmp_path, case):
+    compression, where, unhashed = _CORRUPTIONS[case]
+    shard, = _mds_pool(tmp_path / "pool", compression=compression)
+    # index.json's hash is what mosaicml-streaming writes: xxhash's hexdigest of the file's bytes.
+    index = json.loads((tmp_path / "pool" / "index.json").read_text())
+    info = index["shards"][0]["zip_data" if compression else "raw_data"]
+    assert info["hashes"]["xxh64"] == xxhash.xxh64(open(shard, "rb").read()).hexdigest()
+    _flip(shard, where(shard), 0x80 if case == "raw_tokens" else 0xFF)
+    cfg = _one_source(dict(format="mds", path=str(tmp_path / "pool")))
+    with pytest.raises(ValueError, match=re.escape(shard) + ".*xxh64 checksum mismatch") as e:
+        take(_make(cfg, seq_len=256).iterator(), 40)
+    assert "\n" not in str(e.value)
+    # Without the hash check, the layout checks and the id range still keep the damage from the model.
+    cfg.verify_hashes = False
+    cfg.max_skip_fraction = 1.0
+    try:
+        pipe = _make(cfg, seq_len=256)
+        batches = take(pipe.iterator(), 100)  # more than an epoch: every sample is read
+    except ValueError as e:
+        assert re.search(re.escape(shard) + ".*(" + unhashed + ")", str(e)), str(e)
+        assert "\n" not in str(e)
+        return
+    assert all(((b["tokens"] >= 0) & (b["tokens"] < TOK.vocab_size)).all() for b in batches)
+    if case == "raw_tokens":  # (a flip inside a zstd payload may change a byte that still decodes: only the hash sees it)
+        assert pipe.stats()["skipped/bad_token_ids"] >= 1 and shard in pipe.stats()["skipped_examples"][0]
+
+
+def test_a_shard_listing_only_sha1_is_checked_too(tmp_path):
+    with mds.MdsWriter(tmp_path / "pool", {"id": "str", "input_ids": "ndarray:uint32"}, compression=None,
+                       hashes=("sha1",)) as w:
+        for i in range(40):
+            w.write({"id": f"d{i}", "input_ids": np.full(50, 7 + i, np.uint32)})
+    shard = str(tmp_path / "pool" / "shard.00000.mds")
+    listed = json.loads((tmp_path / "pool" / "index.json").read_text())["shards"][0]["raw_data"]["hashes"]
+    assert listed == {"sha1": hashlib.sha1(open(shard, "rb").read()).hexdigest()}
+    _flip(shard, _token_byte(shard, sample=5) - 3, 0x01)  # a token's low byte: the ids stay in range
+    with pytest.raises(ValueError, match=re.escape(shard) + ".*sha1 checksum mismatch"):
+        take(_make(_one_source(dict(format="mds", path=str(tmp_path / "pool"))), seq_len=256).iterator(), 4)
+
+
+def test_a_sample_whose_column_sizes_disagree_with_its_length_is_refused(tmp_path):
+    with mds.MdsWriter(tmp_path / "pool", {"a": "str", "b": "str"}, compression=None) as w:
+        for i in range(3):
+            w.write({"a": f"first {i}", "b": f"second {i}"})
+    shard = str(tmp_path / "pool" / "shard.00000.mds")
+    data = open(shard, "rb").read()
+    begin = int(np.frombuffer(data, np.uint32, count=1, offset=4 + 4 * 1)[0])
+    _flip(shard, begin + 4, 0x01)  # column b's size, 8 -> 9 bytes: decodable, but it disagrees with the sample
+    reader = mds.MdsReader([tmp_path / "pool"], verify_hashes=False)
+    assert reader[0] == {"a": "first 0", "b": "second 0"}
+    with pytest.raises(mds.MdsError, match=re.escape(shard) + " sample 1 cannot be decoded.*do not add up"):
+        reader[1]
+
+
+def test_on_bad_sample_skip_skips_and_counts_a_corrupt_shards_samples(tmp_path):
+    shards = _mds_pool(tmp_path / "pool", n=60, compression="zstd", size_limit=6_000)
+    assert len(shards) >= 4
+    _flip(shards[1], os.path.getsize(shards[1]) // 2)
+    reader = mds.MdsReader([tmp_path / "pool"])
+    bad_ids = set()
+    for i in range(len(reader)):
+        try:
+            reader[i]
+        except mds.MdsError as e:
+            assert shards[1] in str(e)
+            bad_ids.add(f"doc-{i}")
+    assert bad_ids  # the samples of shards[1], and only those
+    cfg = _one_source(dict(format="mds", path=str(tmp_path / "pool")), on_bad_sample="skip", max_skip_fraction=1.0)
+    pipe = _make(cfg, seq_len=256)
+    docs = _docs_of(pipe, 60)
+    s = pipe.stats()
+    assert docs and not docs & bad_ids
+    assert s["skipped/corrupt"] > 0 and s["skipped_per_source/only"] == s["skipped"] == s["skipped/corrupt"]
+    assert shards[1] in s["skipped_examples"][0]
+
+
+def test_out_of_range_ids_never_reach_the_batch_and_are_counted(tmp_path):
+    _mds_pool(tmp_path / "pool", n=120, bad_every=7)
+    bad = {f"doc-{i}" for i in range(6, 120, 7)}
+    cfg = _one_source(dict(format="mds", path=str(tmp_path / "pool")), max_skip_fraction=1.0)
+    pipe = _make(cfg, seq_len=256)
+    batches = take(pipe.iterator(), 60)
+    docs = {p[1] for b in batches for r in b["provenance"]["rows"] for p in r["pieces"]}
+    assert docs and not docs & bad
+    assert all(((b["tokens"] >= 0) & (b["tokens"] < TOK.vocab_size)).all() for b in batches)
+    s = pipe.stats()
+    # Each document the streams reached is counted once per reading: the bad ones among them are the skips.
+    assert s["skipped/bad_token_ids"] == s["skipped_per_source/only"] == s["documents_read"] - s["documents_used"]
+    assert s["skipped/bad_token_ids"] >= len(bad)  # 60 steps of 4 rows: more than one epoch
+    first = s["skipped_examples"][0]
+    assert re.search(r"shard\.00000\.mds sample (\d+) \(id 'doc-\1'", first), first
+    # The same pool with the default limit (5% of the documents read) stops the run, with the count.
+    with pytest.raises(ValueError, match=r"data: \d+ of \d+ documents skipped .*max_skip_fraction=0.05"):
+        take(_make(_one_source(dict(format="mds", path=str(tmp_path / "pool"))), seq_len=256).iterator(), 60)
+
+
+def test_replay_rows_with_out_of_range_ids_are_left_empty_and_counted(tmp_path):
+    folder, expected = _write_data_order(tmp_path)
+    f = sorted(folder.rglob("*.parquet"))[0]
+    table = pq.read_table(f).to_pydict()
+    table["input_ids"][1] = table["input_ids"][1][:5] + [TOK.vocab_size + 3] + table["input_ids"][1][6:]
+    pq.write_table(pa.table({"input_ids": pa.array(table["input_ids"], pa.list_(pa.uint32())),
+                             "step": table["step"]}), f)
+    cfg = data.default_data_config()
+    cfg.replay_path = str(folder)
+    pipe = _make(cfg, seq_len=64, batch=4)
+    b = next(pipe.iterator())
+    assert (b["segment_ids"][1] == 0).all() and (b["segment_ids"][0] > 0).any()
+    assert pipe.stats()["skipped/bad_token_ids"] == 1 and "row 1" in pipe.stats()["skipped_examples"][0]
+
+
+def test_unreadable_text_files_are_skipped_and_a_broken_tfds_source_is_one_line(tmp_path):
+    from ettin_jax.data import sources
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        (tmp_path / "txt" / f"f{i}.txt").write_text(f"plain text file {i} " * 15)
+    (tmp_path / "txt" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")  # listed, but cannot be read
+    pipe = _make(_one_source(dict(format="text", path=str(tmp_path / "txt")), max_skip_fraction=1.0), seq_len=256)
+    assert not any(d.endswith("gone.txt") for d in _docs_of(pipe, 4))
+    s = pipe.stats()
+    assert s["skipped/unreadable"] >= 1 and "gone.txt" in s["skipped_examples"][0]
+
+    class Broken:
+        def __getitem__(self, i):
+            raise OSError("array_record: corrupt chunk")
+    tfds_source = object.__new__(sources.TfdsSource)
+    tfds_source.name, tfds_source.dataset, tfds_source.split, tfds_source.ds = "t", "tiny", "train", Broken()
+    tfds_source.text_field, tfds_source.id_field = "text", "id"
+    with pytest.raises(ValueError, match=r"source 't': TFDS tiny/train example 3 cannot be read \(OSError: array_record"):
+        tfds_source.load(3, DataStats())
+
+
+def test_corrupt_parquet_is_one_line_naming_the_file(tmp_path):
+    pq.write_table(pa.table({"text": [f"parquet row {i} " * 10 for i in range(30)]}), tmp_path / "good.parquet",
+                   compression="zstd")
+    raw = (tmp_path / "good.parquet").read_bytes()
+    for at in (20, 40, 100):  # inside the data page: a broken zstd frame, bad UTF-8, corrupt data
+        (tmp_path / f"page{at}.parquet").write_bytes(raw[:at] + b"\xff" * 16 + raw[at + 16:])
+    (tmp_path / "short.parquet").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "other.parquet").write_bytes(b"PAR1 not a parquet file")
+    for name in ("page20.parquet", "page40.parquet", "page100.parquet", "short.parquet", "other.parquet"):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))) as e:
+            take(_make(_one_source(dict(format="parquet", path=str(tmp_path / name))), seq_len=256).iterator(), 4)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_train_refuses_a_corrupt_mds_pool_in_one_line_and_writes_nothing(tmp_path, capsys):
+    from ettin_jax import cli
+    shard, = _mds_pool(tmp_path / "pool", compression="zstd")
+    _flip(shard, 1)  # the zstd frame header
+    config = tmp_path / "mds_config.py"
+    config.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('demo', {os.path.join(REPO, 'configs', 'demo.py')!r})\n"
+        "demo = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(demo)\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = demo.get_config()\n"
+        f"    c.data.sources = [dict(name='pool', format='mds', path={str(tmp_path / 'pool')!r}, weight=1.0)]\n"
+        "    return c\n")
+    workdir = tmp_path / "run"
+    assert cli.main(["ettin", "train", f"--config={config}", f"--workdir={workdir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and shard in err and "checksum mismatch" in err, err
+    assert not workdir.exists()

@@ -104,3 +104,102 @@ def test_loss_fn_equals_dense_computation(name):
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+# -- what predicts what, written from the definitions (not from objectives.prediction_targets) ----------------------
+
+CLS, SEP, MASK, T = 1, 2, 4, 24
+
+
+def _packed_rows(seed=0):
+    """Packed rows as the pipeline makes them ([CLS] ... [SEP] documents, segment ids 1.., positions restarting, pad
+    0), with the cases that matter: several documents and padding; one document filling the whole row; a document
+    ending exactly at the row's end; a row of padding only. MLM fields from the pipeline's own masking."""
+    from ettin_jax.data import masking
+    rng = np.random.default_rng(seed)
+    layouts = [[7, 8, 5], [T], [3, T - 3], []]  # document lengths per row
+    tokens = np.full((len(layouts), T), 3, np.int32)  # 3 = [PAD]
+    seg = np.zeros_like(tokens)
+    pos = np.zeros_like(tokens)
+    for r, lengths in enumerate(layouts):
+        at = 0
+        for j, n in enumerate(lengths):
+            tokens[r, at:at + n] = np.r_[CLS, rng.integers(5, 256, n - 2), SEP]
+            seg[r, at:at + n] = j + 1
+            pos[r, at:at + n] = np.arange(n)
+            at += n
+    batch = dict(tokens=tokens, segment_ids=seg, positions=pos)
+    batch.update(masking.mlm_mask(tokens, seg, rate=0.3, seed=seed, step=0, first_row=0, special_ids=[0, 1, 2, 3, 4],
+                                  mask_id=MASK, vocab_size=256))
+    return batch
+
+
+def _clm_targets_by_definition(batch):
+    """{(row, t): label}: hidden t predicts token t + 1 iff both are in the same document (no padding)."""
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    out = {}
+    for r in range(tokens.shape[0]):
+        for t in range(tokens.shape[1] - 1):
+            if seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]:
+                out[r, t] = int(tokens[r, t + 1])
+    return out
+
+
+def _masked_targets_by_definition(batch, shift):
+    """{(row, slot): (hidden position, label, weight)}: the original token at each masked position p, predicted from
+    p (MLM) or from p - 1 (MNTP, which never reaches into another document: p is never a document's first token)."""
+    out = {}
+    for (r, j), p in np.ndenumerate(batch["mlm_positions"]):
+        w = float(batch["mlm_weights"][r, j])
+        if w > 0:
+            assert batch["segment_ids"][r, p - shift] == batch["segment_ids"][r, p] > 0
+            out[r, j] = (p - shift, int(batch["tokens"][r, p]), w)
+    return out
+
+
+def test_clm_targets_follow_the_definition():
+    batch = _packed_rows()
+    expected = _clm_targets_by_definition(batch)
+    assert len(expected) == (7 + 8 + 5 - 3) + (T - 1) + (3 + T - 3 - 2)  # each document: its length - 1
+    index, labels, weights = map(np.asarray, objectives.prediction_targets(objectives.get_objective("clm"),
+                                                                           {k: jnp.asarray(v) for k, v in batch.items()}))
+    np.testing.assert_array_equal(index, np.broadcast_to(np.arange(T), index.shape))  # hidden t at slot t
+    got = {(r, t): int(labels[r, t]) for r, t in zip(*np.nonzero(weights))}
+    assert got == expected
+    assert set(np.unique(weights)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("name, shift", [("mlm", 0), ("mntp", 1)])
+def test_masked_targets_follow_the_definition(name, shift):
+    batch = _packed_rows()
+    expected = _masked_targets_by_definition(batch, shift)
+    assert len(expected) >= 8
+    index, labels, weights = map(np.asarray, objectives.prediction_targets(objectives.get_objective(name),
+                                                                           {k: jnp.asarray(v) for k, v in batch.items()}))
+    got = {(r, j): (int(index[r, j]), int(labels[r, j]), float(weights[r, j])) for r, j in zip(*np.nonzero(weights))}
+    assert got == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["clm", "mntp"])
+def test_loss_fn_is_the_mean_nll_of_the_defined_targets(name):
+    """loss_fn's loss equals the mean NLL, under the full [B, T, V] softmax, of the targets written out above."""
+    cfg = sizes.model_config("tiny", vocab_size=256, attention_block=8, local_window=8)
+    params = model.init_params(cfg, jax.random.key(1))
+    m = model.Ettin(cfg)
+    obj = objectives.get_objective(name)
+    batch = _packed_rows(seed=1)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    inputs = jbatch["mlm_inputs"] if obj.masked_inputs else jbatch["tokens"]
+    hidden = m.apply({"params": params}, inputs, mask=obj.mask, segment_ids=jbatch["segment_ids"],
+                     positions=jbatch["positions"])
+    logp = np.asarray(jax.nn.log_softmax(m.apply({"params": params}, hidden, method=model.Ettin.predict), -1),
+                      np.float64)
+    if name == "clm":
+        terms = [(-logp[r, t, label], 1.0) for (r, t), label in _clm_targets_by_definition(batch).items()]
+    else:
+        terms = [(-logp[r, p, label] * w, w) for (r, _), (p, label, w) in _masked_targets_by_definition(batch, 1).items()]
+    expected = sum(x for x, _ in terms) / sum(w for _, w in terms)
+    loss, metrics = objectives.loss_fn(params, jbatch, model=m, objective=obj, chunk=16)
+    assert float(metrics["predictions"]) == pytest.approx(sum(w for _, w in terms))
+    assert float(loss) == pytest.approx(expected, rel=2e-5)

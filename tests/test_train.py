@@ -38,6 +38,17 @@ def small(objective="paired", phase="pretrain", steps=4, **kw):
     return c
 
 
+def test_a_run_stopped_by_bad_data_resumes_with_the_bad_data_settings_changed(tmp_path):
+    """After a refusal mid-run (a corrupt shard, too many skips), the same workdir resumes with on_bad_sample,
+    max_skip_fraction or verify_hashes changed; a field that changes the batches is still refused."""
+    checkpoint.write_json(str(tmp_path), "config.json", train.config_to_dict(small("mlm")))
+    for key, value in (("data.on_bad_sample", "skip"), ("data.max_skip_fraction", 0.5),
+                       ("data.verify_hashes", False)):
+        train.check_resume_config(str(tmp_path), small("mlm", **{key: value}), allow_change=False)
+    with pytest.raises(train.ConfigError, match="data.max_row_wait"):
+        train.check_resume_config(str(tmp_path), small("mlm", **{"data.max_row_wait": 4}), allow_change=False)
+
+
 def opt_counts(workdir):
     """The update counts in the optimizer state of a workdir's latest checkpoint."""
     import orbax.checkpoint as ocp
@@ -306,6 +317,8 @@ def test_a_token_budget_ends_the_run_where_the_schedule_ends(tmp_path):
     train.train(cfg(), b, log=msgs.append)
     assert any("resumed from step 2" in m for m in msgs)
     assert losses(b) == losses(a) and max(losses(b)) == last
+    # The data counts went on from the checkpoint (they are in the data iterator's state), not from zero.
+    assert json.load(open(os.path.join(b, "data_stats.json"))) == json.load(open(os.path.join(a, "data_stats.json")))
 
     from ettin_jax import data
     c = cfg()

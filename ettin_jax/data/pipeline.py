@@ -22,7 +22,9 @@ size, N), whatever the host count or worker count:
 State. A stream's state is its document cursor, the chunk it is in, the rows it has handed out and its packer's
 open rows as chunk keys (document position, part, chunk index) and, inside a split document, where its parts start
 in the document's tokens — JSON, a few KB per stream; documents are re-read and re-tokenized on restore. The
-iterator's state is {version, step, this host's streams, fingerprint, shard}; `iterator(start_step=N)` without a
+iterator's state is {version, step, this host's streams, fingerprint, shard, stats}: the counts (DataStats) are
+made when a stream reaches what they count, never when it is loaded ahead, so a restored run counts on exactly as an
+uninterrupted one (data_stats.json survives a resume); `iterator(start_step=N)` without a
 state replays this host's streams from the start (cost: tokenizing this host's share of everything up to step N),
 which is how a run resumes on a different host count.
 """
@@ -49,6 +51,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 STATE_VERSION = 2
 # A stream that reads this many unusable documents in a row stops with an error instead of looping.
 _MAX_CONSECUTIVE_BAD = 10_000
+# data.max_skip_fraction is checked once this many documents were read (a few bad ones at the start say little).
+_SKIP_CHECK_MIN_DOCS = 200
 _PROBE_DOCS = 32
 _MISSING = object()
 
@@ -69,6 +73,24 @@ def batch_hash(row_hashes) -> str:
 
 
 @dataclasses.dataclass
+class _Skipped:
+    """A document the stream skips: its source and the (reason, where) pairs counted when the stream reaches it."""
+    source: str
+    skips: list
+
+
+class _Skips:
+    """Collects a source's `skip` calls for one document (counted only when its stream reaches the document, so the
+    counts are a function of the streams' progress: the same after a resume as in one uninterrupted run)."""
+
+    def __init__(self):
+        self.skips = []
+
+    def skip(self, reason, n=1, *, where=None):
+        self.skips += [(reason, where)] * n
+
+
+@dataclasses.dataclass
 class _Unit:
     """One tokenized document (or part of a split document) and its chunk spans."""
     source: str
@@ -76,6 +98,7 @@ class _Unit:
     tokens: np.ndarray
     spans: list
     offset: int  # where this part's tokens start in the document's tokens (0 unless the document was split)
+    dropped: int  # chunks dropped (under min_chunk_tokens)
 
 
 class _Stream:
@@ -86,8 +109,8 @@ class _Stream:
         self.refs = pipe._doc_refs[s::pipe.num_streams]
         self.doc_pos, self.cur, self.rows_out = 0, None, 0
         self.packer = packing.BestFitPacker(pipe.seq_len, pipe.cfg.num_open_rows, pipe.cfg.min_chunk_tokens,
-                                            enabled=pipe.cfg.packing)
-        self.docs = {}   # doc_pos -> list of parts (str to tokenize, or int32 tokens), or None if skipped
+                                            enabled=pipe.cfg.packing, max_wait=int(pipe.cfg.max_row_wait))
+        self.docs = {}   # doc_pos -> (source, doc_id, parts: str to tokenize, or int32 tokens), or _Skipped
         self.units = {}  # (doc_pos, part) -> _Unit
         self.part_offsets = {}  # (doc_pos, part) -> token offset of that part of a split document
 
@@ -109,10 +132,12 @@ class _Stream:
             if cached is not _MISSING:
                 self.docs[d] = cached
                 continue
-            doc = p.sources[k].load(i, p._stats)
-            p._stats.add("documents_read")
+            skips = _Skips()
+            doc = p.sources[k].load(i, skips)
+            if doc is not None and "input_ids" in doc:
+                doc = p._checked_ids(doc, skips)
             if doc is None:
-                self.docs[d] = p._cache_put((k, i), None, 0)
+                self.docs[d] = p._cache_put((k, i), _Skipped(p.sources[k].name, skips.skips), 0)
                 continue
             if "input_ids" in doc:
                 ids = np.asarray(doc["input_ids"], np.int64)
@@ -125,9 +150,7 @@ class _Stream:
                 continue
             parts = _split_text(doc["text"], p.cfg.max_doc_chars)
             self.docs[d] = (doc["source"], doc["doc_id"], parts)
-            if len(parts) > 1:
-                p._stats.add("documents_split")  # split documents are tokenized part by part, never cached
-            else:
+            if len(parts) == 1:  # split documents are tokenized part by part, never cached
                 to_encode.append((d, (k, i), doc["text"]))
         if to_encode:
             encoded = p.tokenizer.encode_batch([t for _, _, t in to_encode])
@@ -144,14 +167,12 @@ class _Stream:
                 tokens = np.asarray(self.p.tokenizer.encode(tokens), np.int32)
             spans, dropped = chunking.chunk_spans(len(tokens), self.p.seq_len, self.p.cfg.min_chunk_tokens,
                                                   self.p.cfg.backfill_tail)
-            self.p._stats.add("chunks", len(spans))
-            self.p._stats.add("chunks_dropped", dropped)
             offset = 0
             if len(parts) > 1:
                 doc_id = f"{doc_id}#part{part}"
                 offset = self._part_offset(dp, part)
                 self.part_offsets[dp, part + 1] = offset + len(tokens)
-            self.units[key] = _Unit(source, doc_id, tokens, spans, offset)
+            self.units[key] = _Unit(source, doc_id, tokens, spans, offset, dropped)
         return self.units[key]
 
     def _part_offset(self, dp, part):
@@ -170,6 +191,9 @@ class _Stream:
 
     # -- rows ------------------------------------------------------------------------------------------------
     def _next_keys(self):
+        # Every count is made when the stream reaches what it counts (not when it is loaded ahead), so the counts
+        # are a function of the streams' progress and survive a resume exactly (DataStats in the iterator state).
+        stats = self.p._stats
         bad = 0
         while True:
             row = self.packer.pop()
@@ -178,20 +202,29 @@ class _Stream:
             if self.cur is None:
                 dp = self.doc_pos
                 self.doc_pos += 1
-                if self._doc(dp) is None:
+                doc = self._doc(dp)
+                stats.add("documents_read")
+                if isinstance(doc, _Skipped):
+                    for reason, where in doc.skips:
+                        stats.skip(reason, source=doc.source, where=where)
                     bad += 1
                     if bad >= _MAX_CONSECUTIVE_BAD:
                         raise RuntimeError(f"data stream {self.s}: {bad} unusable documents in a row; see stats "
                                            f"{self.p.stats()}")
                     continue
+                if len(doc[2]) > 1:
+                    stats.add("documents_split")
                 self.cur = [dp, 0, 0]
             dp, part, ci = self.cur
             unit = self._unit(dp, part)
+            if ci == 0:  # reached once per unit (a saved state is never at ci == 0)
+                stats.add("chunks", len(unit.spans))
+                stats.add("chunks_dropped", unit.dropped)
             if ci == 0 and unit.spans:
                 bad = 0
                 if part == 0:
-                    self.p._stats.add("documents_used")
-                    self.p._stats.add(f"per_source/{unit.source}")
+                    stats.add("documents_used")
+                    stats.add(f"per_source/{unit.source}")
             if ci < len(unit.spans):
                 self.packer.add((dp, part, ci), unit.spans[ci][1] - unit.spans[ci][0] + 2)
                 self.cur[2] += 1
@@ -228,7 +261,7 @@ class _Stream:
     def _evict(self):
         if len(self.docs) < 4 * max(1, self.p.cfg.tokenize_lookahead):
             return
-        live = [k[0] for _, keys in self.packer.open for k in keys] + [k[0] for keys in self.packer.ready
+        live = [k[0] for _, keys, _ in self.packer.open for k in keys] + [k[0] for keys in self.packer.ready
                                                                         for k in keys]
         if self.cur is not None:
             live.append(self.cur[0])
@@ -289,7 +322,8 @@ class BatchIterator(grain.DatasetIterator):
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "step": self._step, "fingerprint": self._pipe.fingerprint,
                 "shard": [self._pipe.shard_index, self._pipe.shard_count],
-                "streams": {str(s): st.get_state() for s, st in sorted(self._streams.items())}}
+                "streams": {str(s): st.get_state() for s, st in sorted(self._streams.items())},
+                "stats": self._pipe._stats.get_state()}
 
     def set_state(self, state: dict):
         pipe = self._pipe
@@ -311,6 +345,8 @@ class BatchIterator(grain.DatasetIterator):
             stream = _Stream(pipe, int(s))
             stream.set_state(st)
             self._streams[int(s)] = stream
+        if "stats" in state:  # the counts go on from where they were (older states lack them: counted afresh)
+            pipe._stats.set_state(state["stats"])
 
     def __str__(self):
         return f"ettin_jax.data.BatchIterator(step={self._step})"
@@ -352,7 +388,8 @@ class Pipeline:
         self._special = sorted(set(int(v) for v in special.values()))
         self.mlm_slots = masking.num_mlm_slots(self.mlm_rate, self.seq_len) if self.mlm_rate > 0 else 0
         config_for_fp = {k: v for k, v in _to_plain(cfg).items() if k not in (
-            "num_workers", "tokenize_lookahead", "token_cache_tokens")}
+            "num_workers", "tokenize_lookahead", "token_cache_tokens", "verify_hashes", "on_bad_sample",
+            "max_skip_fraction")}
         self.fingerprint = hashlib.sha256(json.dumps(
             [config_for_fp, self.seq_len, self.global_batch_size, self.seed, self.num_streams],
             sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -371,7 +408,8 @@ class Pipeline:
             weight = float(spec.get("weight", 1.0))
             if not weight > 0:
                 raise ValueError(f"data source {name!r}: mixture weight must be > 0, got {weight}")
-            src = sources_lib.open_source(spec, base_dirs(), self._stats)
+            src = sources_lib.open_source(spec, base_dirs(), self._stats, verify_hashes=bool(cfg.verify_hashes),
+                                          on_bad_sample=cfg.on_bad_sample)
             if len(src) == 0:
                 raise ValueError(f"data source {name!r} ({spec.get('path')}) has no documents")
             self._probe(src, spec)
@@ -389,12 +427,15 @@ class Pipeline:
 
     def _probe(self, src, spec):
         """Fails early when a source's first documents are all unusable (wrong field, binary, ...)."""
-        probe_stats = DataStats()
+        probe_stats = DataStats(log=None)
         for i in range(min(len(src), _PROBE_DOCS)):
             if src.load(i, probe_stats) is not None:
                 return
+        d = probe_stats.as_dict()
+        reasons = {k: v for k, v in d.items() if k.startswith("skipped/")}
+        first = f"; first: {d['skipped_examples'][0]}" if d["skipped_examples"] else ""
         raise ValueError(f"data source {spec['name']!r} ({spec.get('path')}): none of its first "
-                         f"{min(len(src), _PROBE_DOCS)} documents is usable ({probe_stats.as_dict()}); "
+                         f"{min(len(src), _PROBE_DOCS)} documents is usable ({reasons}{first}); "
                          f"check format/text_field")
 
     def _cache_put(self, key, entry, n_tokens):
@@ -402,8 +443,30 @@ class Pipeline:
         self._cache_tokens += n_tokens
         while self._cache_tokens > self.cfg.token_cache_tokens and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            self._cache_tokens -= len(old[2][0]) if old is not None else 0
+            self._cache_tokens -= len(old[2][0]) if not isinstance(old, _Skipped) else 0
         return entry
+
+    def _checked_ids(self, doc, skips):
+        """`doc` if its pre-tokenized ids are all in [0, vocab_size); else None, counted as bad_token_ids."""
+        ids = np.asarray(doc["input_ids"])
+        vocab = self.tokenizer.vocab_size
+        if ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab):
+            lo, hi = (ids.min(), ids.max()) if ids.dtype.kind in "iuf" else ("?", "?")
+            skips.skip("bad_token_ids", where=f"{doc.get('where', doc['doc_id'])} (id {doc['doc_id']!r}: ids "
+                                              f"{lo}..{hi}, vocab_size {vocab})")
+            return None
+        return doc
+
+    def _check_skip_fraction(self):
+        """Stops the run when more than data.max_skip_fraction of the documents read were skipped."""
+        read, skipped = self._stats["documents_read"], self._stats.skipped()
+        limit = float(self.cfg.max_skip_fraction)
+        if read >= _SKIP_CHECK_MIN_DOCS and skipped > limit * read:
+            d = self.stats()
+            reasons = {k: v for k, v in d.items() if k.startswith(("skipped/", "skipped_per_source/"))}
+            raise ValueError(f"data: {skipped} of {read} documents skipped ({skipped / read:.1%} > "
+                             f"data.max_skip_fraction={limit:g}): {reasons}; first: {d['skipped_examples'][:3]}. "
+                             f"Fix or remove the bad input, or raise --config.data.max_skip_fraction")
 
     def stats(self) -> dict:
         """Counters since this pipeline was made (see DataStats for the fields)."""
@@ -429,8 +492,15 @@ class Pipeline:
                 raise ValueError(f"replay step {self.replay.first_step + step} has {len(seqs)} sequences, but "
                                  f"global_batch_size is {self.global_batch_size}")
             out = []
+            vocab = self.tokenizer.vocab_size
             for r in range(first, first + b):
                 seq = seqs[r]
+                self._stats.add("documents_read")
+                if len(seq) and (seq.min() < 0 or seq.max() >= vocab):
+                    self._stats.skip("bad_token_ids", source="replay", where=(
+                        f"replay step {self.replay.first_step + step} row {r} (ids {seq.min()}..{seq.max()}, "
+                        f"vocab_size {vocab}); the row is left empty"))
+                    seq = seq[:0]
                 seq = seq[:np.flatnonzero(seq != self.tokenizer.pad_id).max() + 1] if (
                     seq != self.tokenizer.pad_id).any() else seq[:0]
                 if len(seq) > self.seq_len:
@@ -474,6 +544,7 @@ class Pipeline:
         self._stats.add("rows", b)
         self._stats.add("tokens", n_real)
         self._stats.add("pad_tokens", b * t - n_real)
+        self._check_skip_fraction()
         batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
         if self.mlm_rate > 0:
             batch.update(masking.mlm_mask(tokens, segment_ids, rate=self.mlm_rate, seed=self.seed, step=step,
@@ -531,6 +602,11 @@ def make_pipeline(data_config, *, seq_len: int, global_batch_size: int, seed: in
                f"streams; set config.data.num_streams to a multiple of {h} (e.g. {s + (-s) % h}; a new value gives "
                f"other batches, so choose it for the largest host count the run will use)")
     _check(int(cfg.num_workers) >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
+    _check(cfg.on_bad_sample in ("error", "skip"),
+           f"data.on_bad_sample={cfg.on_bad_sample!r}; expected 'error' (refuse a corrupt shard) or 'skip'")
+    _check(int(cfg.max_row_wait) >= 0, f"data.max_row_wait={cfg.max_row_wait} must be >= 0 (0: no bound)")
+    _check(0.0 <= float(cfg.max_skip_fraction) <= 1.0,
+           f"data.max_skip_fraction={cfg.max_skip_fraction} must be in [0, 1]")
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     expected = cfg.get("special_ids")

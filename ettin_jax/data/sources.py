@@ -13,7 +13,10 @@ Formats (`format` in a source's config):
 `path` may be a file, a folder or a glob, local or any filesystem etils.epath reads (gs:// where installed).
 
 Bad input never crashes a run: a document that is not UTF-8, is empty, has NUL bytes (binary), is not JSON or lacks
-the text field is skipped and counted (`DataStats`, reason in `skipped/<reason>`); `load` returns None for it.
+the text field is skipped and counted (`DataStats`, reason in `skipped/<reason>`, named by file and line/row/sample in
+the first few log lines); `load` returns None for it. An MDS shard whose hash, zstd frame or offset table is wrong
+(mds.py) refuses the run with one line naming the file, or with `on_bad_sample="skip"` its samples are skipped
+(`skipped/corrupt`). Pre-tokenized ids outside [0, vocab_size) are skipped by the pipeline (`skipped/bad_token_ids`).
 Documents longer than the pipeline's `max_doc_chars` are split later (pipeline.py). A missing path or a source with
 no documents is a ValueError naming it, raised when the pipeline is made.
 """
@@ -50,35 +53,35 @@ def resolve_path(path: str, base_dirs=()) -> list:
     raise ValueError(f"data path {path!r} does not exist (tried {tried})")
 
 
-def decode_text(raw: bytes, stats, *, check_binary: bool = True):
-    """UTF-8 text of `raw`, or None (counted in stats) if it is binary, not UTF-8, or empty."""
+def decode_text(raw: bytes, stats, *, check_binary: bool = True, where=None):
+    """UTF-8 text of `raw`, or None (counted in stats, `where` naming it) if it is binary, not UTF-8, or empty."""
     if check_binary and b"\x00" in raw[:_BINARY_PROBE]:
-        stats.skip("binary")
+        stats.skip("binary", where=where)
         return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        stats.skip("non_utf8")
+        stats.skip("non_utf8", where=where)
         return None
     if not text.strip():
-        stats.skip("empty")
+        stats.skip("empty", where=where)
         return None
     return text
 
 
-def _text_value(value, stats):
+def _text_value(value, stats, where=None):
     if value is None:
-        stats.skip("no_text")
+        stats.skip("no_text", where=where)
         return None
     if isinstance(value, (bytes, np.bytes_)):
-        return decode_text(bytes(value), stats, check_binary=False)
+        return decode_text(bytes(value), stats, check_binary=False, where=where)
     if isinstance(value, np.ndarray) and value.dtype.kind in "SO":
-        return _text_value(value.item(), stats)
+        return _text_value(value.item(), stats, where)
     if not isinstance(value, str):
-        stats.skip("no_text")
+        stats.skip("no_text", where=where)
         return None
     if not value.strip():
-        stats.skip("empty")
+        stats.skip("empty", where=where)
         return None
     return value
 
@@ -126,18 +129,19 @@ class JsonlSource(Source):
         j = i - self.cumulative[f]
         path, data = self.files[f]
         raw = bytes(data[self.starts[f][j]:self.ends[f][j]])
-        text = decode_text(raw, stats)
+        where = f"{path} document {j}"
+        text = decode_text(raw, stats, where=where)
         if text is None:
             return None
         try:
             obj = json.loads(text)
         except ValueError:
-            stats.skip("bad_json")
+            stats.skip("bad_json", where=where)
             return None
         if not isinstance(obj, dict):
-            stats.skip("bad_json")
+            stats.skip("bad_json", where=where)
             return None
-        text = _text_value(obj.get(self.text_field), stats)
+        text = _text_value(obj.get(self.text_field), stats, where)
         if text is None:
             return None
         doc_id = obj.get(self.id_field) if self.id_field else None
@@ -157,7 +161,12 @@ class TextSource(Source):
 
     def load(self, i, stats):
         path = self.files[i]
-        text = decode_text(epath.Path(path).read_bytes(), stats)
+        try:
+            raw = epath.Path(path).read_bytes()
+        except OSError as e:  # gone or unreadable since the source was opened
+            stats.skip("unreadable", where=f"{path} ({e.strerror or e})")
+            return None
+        text = decode_text(raw, stats, where=path)
         if text is None:
             return None
         return {"source": self.name, "doc_id": path, "text": text}
@@ -171,7 +180,11 @@ class ParquetSource(Source):
         self.name, self.text_field, self.id_field = name, text_field, id_field
         self.groups, self.cumulative = [], [0]  # (file, row group)
         for p in _expand_files(paths, (".parquet",)):
-            meta = pq.ParquetFile(p).metadata
+            try:
+                meta = pq.ParquetFile(p).metadata
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+                raise ValueError(f"source {name!r}: {p} is not a readable parquet file "
+                                 f"({str(e).splitlines()[0]})") from None
             if text_field not in meta.schema.names:
                 raise ValueError(f"source {name!r}: parquet file {p} has no column {text_field!r} "
                                  f"(columns: {meta.schema.names})")
@@ -184,18 +197,23 @@ class ParquetSource(Source):
 
     @functools.lru_cache(maxsize=2)
     def _group(self, k):
+        import pyarrow
         import pyarrow.parquet as pq
         path, g, has_id = self.groups[k]
         cols = [self.text_field] + ([self.id_field] if has_id else [])
-        table = pq.ParquetFile(path).read_row_group(g, columns=cols)
-        ids = table.column(self.id_field).to_pylist() if has_id else None
-        return table.column(self.text_field).to_pylist(), ids
+        try:
+            table = pq.ParquetFile(path).read_row_group(g, columns=cols)
+            ids = table.column(self.id_field).to_pylist() if has_id else None
+            return table.column(self.text_field).to_pylist(), ids
+        except (pyarrow.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"source {self.name!r}: parquet file {path} row group {g} cannot be read "
+                             f"({str(e).splitlines()[0]}): the file is corrupt") from None
 
     def load(self, i, stats):
         k = bisect.bisect_right(self.cumulative, i) - 1
         j = i - self.cumulative[k]
         texts, ids = self._group(k)
-        text = _text_value(texts[j], stats)
+        text = _text_value(texts[j], stats, f"{self.groups[k][0]} row group {self.groups[k][1]} row {j}")
         if text is None:
             return None
         doc_id = ids[j] if ids is not None and ids[j] is not None else f"{self.groups[k][0]}:{i - self.cumulative[0]}"
@@ -219,8 +237,12 @@ class TfdsSource(Source):
         return len(self.ds)
 
     def load(self, i, stats):
-        ex = self.ds[i]
-        text = _text_value(ex.get(self.text_field), stats)
+        try:
+            ex = self.ds[i]
+        except (OSError, ValueError, RuntimeError, IndexError) as e:  # a corrupt or missing ArrayRecord file
+            raise ValueError(f"source {self.name!r}: TFDS {self.dataset}/{self.split} example {i} cannot be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        text = _text_value(ex.get(self.text_field), stats, f"TFDS {self.dataset}/{self.split} example {i}")
         if text is None:
             return None
         doc_id = ex.get(self.id_field) if self.id_field else None
@@ -231,10 +253,16 @@ class TfdsSource(Source):
 
 
 class MdsSource(Source):
-    """Ettin's pre-tokenized MDS pools: `input_ids` (uint32) and `id` columns; specials are stripped at chunking."""
+    """Ettin's pre-tokenized MDS pools: `input_ids` (uint32) and `id` columns; specials are stripped at chunking.
 
-    def __init__(self, name, paths, id_field="id"):
-        self.name, self.id_field = name, id_field
+    A shard that fails its hash or layout check, or a sample that cannot be decoded, raises mds.MdsError (one line
+    naming the file) or, with `on_bad_sample="skip"`, is skipped and counted as `skipped/corrupt`.
+    """
+
+    def __init__(self, name, paths, id_field="id", verify_hashes=True, on_bad_sample="error"):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r}; expected 'error' or 'skip'")
+        self.name, self.id_field, self.on_bad_sample = name, id_field, on_bad_sample
         folders = []
         for p in paths:
             root = epath.Path(p)
@@ -244,19 +272,26 @@ class MdsSource(Source):
                 folders += sorted({epath.Path(os.path.dirname(f)) for f in walk_files(p) if f.endswith("/index.json")})
         if not folders:
             raise ValueError(f"source {name!r}: no index.json under {paths}")
-        self.reader = mds.MdsReader(folders)
+        self.reader = mds.MdsReader(folders, verify_hashes=verify_hashes)
 
     def __len__(self):
         return len(self.reader)
 
     def load(self, i, stats):
-        sample = self.reader[i]
+        try:
+            sample = self.reader[i]
+        except mds.MdsError as e:
+            if self.on_bad_sample != "skip":
+                raise
+            stats.skip("corrupt", where=f"{self.reader.where(i)}: {e}")
+            return None
         ids = sample.get("input_ids")
         if ids is None or len(ids) == 0:
-            stats.skip("empty")
+            stats.skip("empty", where=self.reader.where(i))
             return None
         doc_id = sample.get(self.id_field, f"{self.name}:{i}")
-        return {"source": self.name, "doc_id": str(doc_id), "input_ids": np.asarray(ids).reshape(-1)}
+        return {"source": self.name, "doc_id": str(doc_id), "input_ids": np.asarray(ids).reshape(-1),
+                "where": self.reader.where(i)}
 
 
 def _map_file(path):
@@ -295,8 +330,11 @@ def _expand_files(paths, suffixes):
     return files
 
 
-def open_source(spec, base_dirs=(), stats=None) -> Source:
-    """Opens the source described by one entry of `data_config.sources` (checks the path exists)."""
+def open_source(spec, base_dirs=(), stats=None, *, verify_hashes=True, on_bad_sample="error") -> Source:
+    """Opens the source described by one entry of `data_config.sources` (checks the path exists).
+
+    `verify_hashes` and `on_bad_sample` are the data config's (they apply to MDS shards).
+    """
     fmt = spec.get("format", "jsonl")
     name = spec["name"]
     if fmt == "tfds":
@@ -313,5 +351,6 @@ def open_source(spec, base_dirs=(), stats=None) -> Source:
     if fmt == "parquet":
         return ParquetSource(name, paths, spec.get("text_field", "text"), spec.get("id_field", "id"))
     if fmt == "mds":
-        return MdsSource(name, paths, spec.get("id_field", "id"))
+        return MdsSource(name, paths, spec.get("id_field", "id"), verify_hashes=verify_hashes,
+                         on_bad_sample=on_bad_sample)
     raise ValueError(f"source {name!r}: unknown format {fmt!r}; expected jsonl, text, parquet, tfds or mds")
