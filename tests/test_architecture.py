@@ -79,3 +79,42 @@ def test_add_an_attention_kernel(monkeypatch):
     np.testing.assert_allclose(out["counting"], out["xla"], atol=1e-6)
     with pytest.raises(ValueError, match="counting"):  # the error lists the registered names
         kernels.resolve_impl("nope", (None, None), 32)
+
+
+def test_add_a_data_source(tmp_path, monkeypatch):
+    """A source is a `Source` subclass and one entry in `sources.FORMATS`: here CSV, one document per row. The
+    pipeline mixes, chunks and packs it like any other, and its documents reach the batches."""
+    import csv
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from test_data_util import ByteTokenizer, take
+    from ettin_jax import data
+    from ettin_jax.data import sources
+
+    class CsvSource(sources.Source):
+        def __init__(self, name, path):
+            self.name = name
+            with open(path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+        def __len__(self):
+            return len(self.rows)
+
+        def load(self, i, stats):
+            return {"source": self.name, "doc_id": self.rows[i]["id"], "text": self.rows[i]["text"]}
+
+    monkeypatch.setitem(sources.FORMATS, "csv", lambda name, spec, base_dirs, stats, opts: CsvSource(
+        name, sources.resolve_path(spec["path"], base_dirs)[0]))
+    with open(tmp_path / "docs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([(f"row{i}", f"comma separated document number {i} " * 8) for i in range(20)])
+    cfg = data.default_data_config()
+    cfg.sources = [dict(name="csv", format="csv", path=str(tmp_path / "docs.csv"), weight=1.0)]
+    cfg.num_streams = 2
+    pipe = data.make_pipeline(cfg, seq_len=256, global_batch_size=4, seed=0, mlm_rate=0.0,
+                              tokenizer=ByteTokenizer())
+    docs = {p[1] for b in take(pipe.iterator(), 3) for r in b["provenance"]["rows"] for p in r["pieces"]}
+    assert docs and all(d.startswith("row") for d in docs)
+    with pytest.raises(ValueError, match="csv"):  # the error lists the registered formats
+        sources.open_source(dict(name="x", format="xml", path=str(tmp_path)))

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import re
 
 import grain
 import numpy as np

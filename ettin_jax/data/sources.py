@@ -330,6 +330,29 @@ def _expand_files(paths, suffixes):
     return files
 
 
+def _tfds(name, spec, base_dirs, stats, opts):
+    data_dir = spec.get("data_dir")
+    if data_dir:
+        data_dir = resolve_path(data_dir, base_dirs)[0]
+    return TfdsSource(name, spec["path"], spec.get("split", "train"), data_dir, spec.get("text_field", "text"),
+                      spec.get("id_field", "id"))
+
+
+# format -> opener(name, spec, base_dirs, stats, opts) -> Source; opts holds the data config's verify_hashes and
+# on_bad_sample. A new source is a Source subclass and one entry here.
+FORMATS = {
+    "jsonl": lambda name, spec, base_dirs, stats, opts: JsonlSource(
+        name, resolve_path(spec["path"], base_dirs), spec.get("text_field", "text"), spec.get("id_field", "id"),
+        stats),
+    "text": lambda name, spec, base_dirs, stats, opts: TextSource(name, resolve_path(spec["path"], base_dirs)),
+    "parquet": lambda name, spec, base_dirs, stats, opts: ParquetSource(
+        name, resolve_path(spec["path"], base_dirs), spec.get("text_field", "text"), spec.get("id_field", "id")),
+    "tfds": _tfds,
+    "mds": lambda name, spec, base_dirs, stats, opts: MdsSource(
+        name, resolve_path(spec["path"], base_dirs), spec.get("id_field", "id"), **opts),
+}
+
+
 def open_source(spec, base_dirs=(), stats=None, *, verify_hashes=True, on_bad_sample="error") -> Source:
     """Opens the source described by one entry of `data_config.sources` (checks the path exists).
 
@@ -337,20 +360,6 @@ def open_source(spec, base_dirs=(), stats=None, *, verify_hashes=True, on_bad_sa
     """
     fmt = spec.get("format", "jsonl")
     name = spec["name"]
-    if fmt == "tfds":
-        data_dir = spec.get("data_dir")
-        if data_dir:
-            data_dir = resolve_path(data_dir, base_dirs)[0]
-        return TfdsSource(name, spec["path"], spec.get("split", "train"), data_dir,
-                          spec.get("text_field", "text"), spec.get("id_field", "id"))
-    paths = resolve_path(spec["path"], base_dirs)
-    if fmt == "jsonl":
-        return JsonlSource(name, paths, spec.get("text_field", "text"), spec.get("id_field", "id"), stats)
-    if fmt == "text":
-        return TextSource(name, paths)
-    if fmt == "parquet":
-        return ParquetSource(name, paths, spec.get("text_field", "text"), spec.get("id_field", "id"))
-    if fmt == "mds":
-        return MdsSource(name, paths, spec.get("id_field", "id"), verify_hashes=verify_hashes,
-                         on_bad_sample=on_bad_sample)
-    raise ValueError(f"source {name!r}: unknown format {fmt!r}; expected jsonl, text, parquet, tfds or mds")
+    if fmt not in FORMATS:
+        raise ValueError(f"source {name!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return FORMATS[fmt](name, spec, base_dirs, stats, dict(verify_hashes=verify_hashes, on_bad_sample=on_bad_sample))
