@@ -428,3 +428,28 @@ def test_an_imported_model_trains_only_with_its_own_tokenizer(tmp_path):
               **{"model.vocab_size": 320, "data.tokenizer": f"{imported}/tokenizer", "data.special_ids": {}})
     out = train.train(c, str(tmp_path / "right"), log=lambda *_: None)
     assert np.isfinite(out["encoder/loss"]) and max(losses(tmp_path / "right")) == 2
+
+
+def test_a_step_larger_than_the_device_memory_is_refused_before_the_first_batch(tmp_path, capsys, monkeypatch):
+    """The trainer compiles its step first and compares the compiler's peak per device with the device's memory:
+    here a device said to hold 1 MiB refuses the demo-sized step in one line naming the figures and the knobs, exit
+    status 2, and no step runs (no metrics). With the real memory the same run trains."""
+    from ettin_jax import cli
+    from ettin_jax import compile as compile_lib
+    monkeypatch.setattr(compile_lib, "hbm_bytes", lambda device: 2 ** 20)
+    argv = ["ettin", "train", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
+            "--config.model.num_layers=2", "--config.model.hidden_size=64", "--config.model.intermediate_size=64",
+            "--config.model.num_heads=1", "--config.global_batch_size=8", "--config.seq_len=64",
+            "--config.total_steps=1", "--config.mesh.num_devices=1"]
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert cli.main(argv) == 2
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "GiB per device" in err and "has 0.00 GiB" in err
+    for knob in ("micro_batch_size", "global_batch_size", "remat", "runlocal"):
+        assert knob in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
