@@ -366,7 +366,8 @@ class Ettin(nn.Module):
         if cfg.remat != "none":
             if cfg.remat not in _REMAT_POLICIES:
                 raise ValueError(f"unknown remat policy {cfg.remat!r}; expected none, {', '.join(_REMAT_POLICIES)}")
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
+            # static: band and deterministic (flax counts the module as argument 0)
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
         self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = LayerNorm(cfg.norm_eps, dtype, name="final_norm")
         self.head_dense = Dense(cfg.hidden_size, cfg.init_std / math.sqrt(2 * cfg.num_layers), ("embed", "embed_out"),
