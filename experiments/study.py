@@ -242,7 +242,7 @@ def plot_gaps(comparisons, path):
     ax.set_yticks(range(len(comparisons)))
     ax.set_yticklabels([f"{c['task']}: {c['winner_in_paper']} - {c['other']}" for c in comparisons], fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("effect (the paper's winner minus the other), 95% paired-bootstrap CI; > 0 agrees with the paper")
+    ax.set_xlabel("effect: the paper's winner minus the other (> 0: the paper's direction), 95% CI", fontsize=8)
     ax.set_title("Architecture gaps (gray) and cross-objective gaps (purple)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -285,7 +285,7 @@ def report_lines(res: dict) -> list[str]:
         "direction, **reverses** when it does so in the other direction, and is a **tie** otherwise. The effect is "
         "always the paper's winner minus the other model (positive: the paper's direction). p is the paired "
         "bootstrap's (10,000 resamples of items); McNemar's exact p is given beside it for the 0/1 tasks (over "
-        "each item's majority answer across seeds). No correction for the number of comparisons is made: with "
+        "each item's majority answer across seeds, a tie of seeds counted as right). No correction for the number of comparisons is made: with "
         f"{len(res['comparisons'])} comparisons about {0.05 * len(res['comparisons']):.1f} false agreements or "
         "reversals are expected by chance if nothing differs.", "",
         "| task | comparison | n | metric | paper's winner | other | effect | 95% CI | p (bootstrap) | p (McNemar) "
@@ -366,7 +366,7 @@ def finish(args, budget) -> int:
         dtype = json.load(f)["model"]["dtype"]
     with open(os.path.join(args.runs, "baselines.json")) as f:
         baselines = json.load(f)
-    timings = read_timings(args.runs)
+    timings = read_timings(args.runs)  # earlier invocations (study.sh adds this one's after it ends)
     timings["evaluate"] = timings.get("evaluate", 0.0) + time.time() - start
     timings["total"] = sum(timings.values())
     res = dict(

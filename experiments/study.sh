@@ -37,5 +37,5 @@ timed prepare python experiments/study.py prepare --runs="$RUNS" --tasks="$TASKS
 timed pretrain python -m ettin_jax.cli train --config="$CFG" --workdir="$RUNS/pair"
 timed cross python -m ettin_jax.cli train --config="$CFG,phase=cross" --workdir="$RUNS/cross" \
   --config.init_from="$RUNS/pair"
-python experiments/study.py finish --runs="$RUNS" --out="$OUT" --tasks="$TASKS" ${SMOKE:+--smoke} --command="$COMMAND" \
+timed evaluate python experiments/study.py finish --runs="$RUNS" --out="$OUT" --tasks="$TASKS" ${SMOKE:+--smoke} --command="$COMMAND" \
   --machine="$(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"

@@ -170,6 +170,7 @@ def test_a_bad_task_file_is_one_line_naming_it(tmp_path):
         study.load_tasks(str(tmp_path))
 
 
+@pytest.mark.slow  # a subprocess that imports jax: ~5 s idle
 def test_study_sh_refuses_a_bad_task_file_before_training(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -235,14 +236,16 @@ def test_unit_adamw_scaled_equals_the_scheduled_optimizer():
     lr, wd, steps = 1e-2, 0.1, 40
     tx = classification.make_optimizer(lr, steps, 0.06, wd)
     unit = classification.unit_adamw(wd)
+    update = jax.jit(tx.update)
+    scaled = jax.jit(lambda g, s, p, lr: classification.scaled_update(unit, g, s, p, lr))
     rng = np.random.default_rng(0)
     p1 = p2 = dict(w=rng.normal(size=(3, 3)).astype(np.float32), b=rng.normal(size=3).astype(np.float32))
     s1, s2 = tx.init(p1), unit.init(p2)
     for t in range(steps):
         g = dict(w=rng.normal(size=(3, 3)).astype(np.float32), b=rng.normal(size=3).astype(np.float32))
-        u, s1 = tx.update(g, s1, p1)
+        u, s1 = update(g, s1, p1)
         p1 = jax.tree_util.tree_map(lambda p, x: p + x, p1, u)
-        p2, s2 = classification.scaled_update(unit, g, s2, p2, classification.schedule_value(lr, steps, 0.06, t))
+        p2, s2 = scaled(g, s2, p2, classification.schedule_value(lr, steps, 0.06, t))
     for k in p1:
         np.testing.assert_allclose(p2[k], p1[k], rtol=1e-6, atol=1e-7)
 

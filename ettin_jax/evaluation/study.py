@@ -88,7 +88,7 @@ class Budget:
     @classmethod
     def smoke(cls):
         """Tiny budgets, one short length for every task (fewer shapes to compile): the plumbing, not a result."""
-        return cls(lrs=(1e-3, 3e-3), seeds=2, epochs=1.0, batch_size=8, train_limit=32, dev_limit=16,
+        return cls(lrs=(1e-3, 3e-3), seeds=3, epochs=1.0, batch_size=8, train_limit=32, dev_limit=16,
                    test_limit=24, contrastive_lrs=(1e-3,), contrastive_steps=(2, 4), max_len=32)
 
     def tag(self) -> str:
