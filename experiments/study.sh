@@ -11,9 +11,15 @@
 # RUNS/cache/ (one file per model and task, written after every fine-tuning run). A missing or malformed task file
 # stops it, named in one line (exit 2), before any training. Wall time per stage is added up in RUNS/timings.tsv
 # and reported.
-# Cost (measured 2026-12-03 on the project's 2 shared CPU cores, load ~5): the pair trains at ~3.5k tokens/s
-# (bf16 products, avx512_bf16), so 15M tokens take ~70 min there, an idle 2-core AVX512-BF16 machine ~40 min
-# (~6k tokens/s), an AMX laptop ~25 min (~10k tokens/s, the issue's figure); the smoke run ~10 min on shared cores.
+# Cost, in tokens through a model (forward + backward; a forward-only token counts a third): pretraining 2 x 15M,
+# cross-objective 2 x 3M, evaluation ~40M (per model ~8.3M of fine-tuning: 3 sentence tasks and tagging x 5 runs of
+# 2 epochs over 1000 examples, retrieval 6 runs of 60-150 steps; each encoder ~3M more for pseudo-log-likelihood),
+# ~76M in all. The pair trains at ~6k tokens/s per model on 2 idle cores (configs/demo.py's figure, fp32), so
+# expect ~1h45m on 2 idle cores (pretraining ~42 min of it) and about an hour at the issue's ~10k tokens/s (bf16 on
+# an AMX CPU): over the issue's 60 minutes on 2 cores; it resumes, so it can run in parts. Measured here on
+# 2026-12-03, 2 cores shared with other jobs (load 5-20): the pair at 1.5k-3.8k tokens/s in bf16 (avx512_bf16, no
+# AMX) and 1.1k-3.5k in fp32 (too loaded to separate them); a first, larger smoke run 24.8 min (load ~15); the
+# smoke test (a run and its resumed rerun) 20.8 min (load 13-20; 10.3 min of CPU), a few minutes on idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=""
