@@ -20,8 +20,8 @@ data/eval/study/austen_heldout.txt, written by `experiments/study.py prepare`), 
 of pretraining. `smoke`: 20 pretraining and 10 cross steps. `dtype=auto` (default): bfloat16 products where the CPU
 has AVX512-BF16 or AMX (flags avx512_bf16 / amx_bf16 in /proc/cpuinfo), float32 otherwise; `dtype=float32` forces.
 
-Cost: 15M tokens at ~6k tokens/s per model (2 idle CPU cores) is ~42 min; at the issue's ~10k (AMX, bf16) ~25 min;
-the whole study's cost is in experiments/study.sh's header.
+Cost: 15M tokens at the ~3.7k tokens/s measured on the project's 2 cores is ~68 min (~42 min at 5.9k, ~25 min at
+the issue's 10k with AMX); the whole study's cost is in experiments/study.sh's header.
 """
 import os
 

@@ -14,12 +14,12 @@
 # Cost, in tokens through a model (forward + backward; a forward-only token counts a third): pretraining 2 x 15M,
 # cross-objective 2 x 3M, evaluation ~40M (per model ~8.3M of fine-tuning: 3 sentence tasks and tagging x 5 runs of
 # 2 epochs over 1000 examples, retrieval 6 runs of 60-150 steps; each encoder ~3M more for pseudo-log-likelihood),
-# ~76M in all. The pair trains at ~6k tokens/s per model on 2 idle cores (configs/demo.py's figure, fp32), so
-# expect ~1h45m on 2 idle cores (pretraining ~42 min of it) and about an hour at the issue's ~10k tokens/s (bf16 on
-# an AMX CPU): over the issue's 60 minutes on 2 cores; it resumes, so it can run in parts. Measured here on
-# 2026-12-03, 2 cores shared with other jobs (load 5-20): the pair at 1.5k-3.8k tokens/s in bf16 (avx512_bf16, no
-# AMX) and 1.1k-3.5k in fp32 (too loaded to separate them); a first, larger smoke run 24.8 min (load ~15); the
-# smoke test (a run and its resumed rerun) 20.8 min (load 13-20; 10.3 min of CPU), a few minutes on idle cores.
+# ~76M in all. Measured on this project's 2-core machine (AMD EPYC, avx512_bf16, no AMX) at load 1-4, 2026-12-03:
+# the pair at ~3.7k tokens/s in bf16 and ~3.5k in fp32 (50 demo-shape steps each; bf16 buys little without AMX),
+# so ~68 min of pretraining and ~2h50m in all there; configs/demo.py's ~5.9k (fp32, idle) gives ~1h45m in all, the
+# issue's ~10k (bf16, AMX) about an hour. All over the issue's 60 minutes on 2 cores; it resumes, so it can run in
+# parts. At load 5-20 the pair ran at 1.1k-3.8k; a first, larger smoke run took 24.8 min (load ~15); the smoke test
+# (a run and its resumed rerun) 20.8 min (load 13-20; 10.3 min of CPU), 16.3 min at load ~8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=""
