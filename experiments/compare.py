@@ -242,6 +242,7 @@ def main(argv=None):
     p.add_argument("--query_len", type=int, default=64)
     p.add_argument("--doc_len", type=int, default=128, help="retrieval document / likelihood-task length")
     p.add_argument("--command", default=None, help="the command line to record in the report")
+    p.add_argument("--note", default=None, help="a paragraph printed under the report's title")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
@@ -298,6 +299,7 @@ def main(argv=None):
     minutes = (time.time() - start) / 60
     report = [
         "# Encoder vs decoder on the bundled tasks", "",
+        *([f"**{args.note}**", ""] if args.note else []),
         "Made by:", "", "```", args.command or "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])), "```", "",
         f"{timing_note(results['seconds'])} Settings: {results['settings']}. Tasks and data: `data/eval/README.md`; protocol: "
         "`ettin_jax/evaluation/` (classification: fine-tuned, decoupled AdamW, 6% warmup + linear decay, mean "

@@ -12,6 +12,7 @@ a minute or two on CPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -86,13 +87,40 @@ def _logits(params, cfg, mask, how, tokens, segment_ids):
 _forward = jax.jit(_logits, static_argnames=("cfg", "mask", "how"))
 
 
+def _adamw(learning_rate, weight_decay: float):
+    decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)
+    return optax.adamw(learning_rate, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
+
+
 def make_optimizer(lr: float, steps: int, warmup_frac: float, weight_decay: float):
     """Decoupled AdamW (0.9, 0.98, 1e-6), warmup `warmup_frac` of the steps then linear decay to 0."""
     warm = max(1, int(round(warmup_frac * steps)))
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warm), optax.linear_schedule(lr, 0.0, max(1, steps - warm))], [warm])
-    decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)
-    return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=weight_decay, mask=decay_mask)
+    return _adamw(schedule, weight_decay)
+
+
+def schedule_value(lr: float, steps: int, warmup_frac: float, count: int) -> np.float32:
+    """`make_optimizer`'s learning rate at update `count` (0-based), computed on the host."""
+    warm = max(1, int(round(warmup_frac * steps)))
+    if count < warm:
+        return np.float32(lr * count / warm)
+    return np.float32(lr * max(0.0, 1.0 - (count - warm) / max(1, steps - warm)))
+
+
+def unit_adamw(weight_decay: float):
+    """`make_optimizer` at learning rate 1; `scaled_update` applies each step's rate. The rate is then a traced
+    argument, so one compiled train step serves every grid point, seed and run length (a schedule inside the
+    optimizer would be compiled into the step, once per fine-tuning run)."""
+    return _adamw(1.0, weight_decay)
+
+
+def scaled_update(tx, grads, opt_state, params, lr):
+    """`tx.update` and apply, its updates scaled by `lr`: equal to `make_optimizer` at the same rate, because
+    optax's adamw multiplies its whole update (weight decay included) by the rate last."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree_util.tree_map(lambda u: (lr * u).astype(u.dtype), updates)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def label_ids(labels: Sequence, head_labels: Sequence, what: str) -> np.ndarray:
@@ -112,32 +140,33 @@ def label_ids(labels: Sequence, head_labels: Sequence, what: str) -> np.ndarray:
     return np.asarray([index[l] for l in labels], np.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "mask", "how", "weight_decay"))
+def _train_step(params, opt_state, lr, tokens, segment_ids, labels, *, cfg, mask, how, weight_decay):
+    def loss_fn(p):
+        logits = _logits(p, cfg, mask, how, tokens, segment_ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    params, opt_state = scaled_update(unit_adamw(weight_decay), grads, opt_state, params, lr)
+    return params, opt_state, loss
+
+
 def _train(model: Model, texts, y, num_labels: int, pooling: str, lr: float, cfg: FinetuneConfig, log) -> dict:
     rng = np.random.default_rng(cfg.seed)
     n = len(texts)
     per_epoch = max(1, n // cfg.batch_size)
     steps = max(1, int(math.ceil(cfg.epochs * per_epoch)))
-    tx = make_optimizer(lr, steps, cfg.warmup_frac, cfg.weight_decay)
     params = dict(backbone=model.params,
                   head=init_head(jax.random.key(cfg.seed), model.cfg.hidden_size, num_labels))
-    opt_state = tx.init(params)
+    opt_state = unit_adamw(cfg.weight_decay).init(params)
     toks_all, seg_all = pad(encode(model, texts, cfg.max_len), model.cfg.pad_token_id, length=cfg.max_len)
-
-    @jax.jit
-    def step(params, opt_state, tokens, segment_ids, labels):
-        def loss_fn(p):
-            logits = _logits(p, model.cfg, model.mask, pooling, tokens, segment_ids)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     order = np.array([], np.int64)
     for s in range(steps):
         if len(order) < cfg.batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        params, opt_state, loss = step(params, opt_state, toks_all[idx], seg_all[idx], y[idx])
+        params, opt_state, loss = _train_step(
+            params, opt_state, schedule_value(lr, steps, cfg.warmup_frac, s), toks_all[idx], seg_all[idx], y[idx],
+            cfg=model.cfg, mask=model.mask, how=pooling, weight_decay=cfg.weight_decay)
         if log and (s + 1) % max(1, steps // 4) == 0:
             log(f"  {model.name} lr {lr:g} step {s + 1}/{steps} loss {float(loss):.4f}")
     return params

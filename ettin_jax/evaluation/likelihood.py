@@ -152,9 +152,10 @@ def loglikelihoods(model: Model, requests: Sequence[tuple], *, pll: bool = False
 
 
 def multiple_choice(model: Model, items: Sequence[dict], *, pll: bool = False, task: str = "multiple_choice",
-                    max_len: int = 512) -> dict:
+                    max_len: int = 512, per_item: bool = False) -> dict:
     """acc (argmax of summed log-likelihood) and acc_norm (per byte of the choice) over items
-    {context, choices, label}; also the chance level (mean 1 / number of choices)."""
+    {context, choices, label}; also the chance level (mean 1 / number of choices). `per_item`: also `correct`,
+    each item's 0/1 by acc (for paired tests)."""
     require_scorer(model, pll, task)
     reqs, owner = [], []
     for i, it in enumerate(items):
@@ -164,15 +165,19 @@ def multiple_choice(model: Model, items: Sequence[dict], *, pll: bool = False, t
             reqs.append(encode_pair(model, it["context"], c))
             owner.append(i)
     lls = loglikelihoods(model, reqs, pll=pll, max_len=max_len, task=task)
-    acc, acc_norm, k = 0, 0, 0
+    correct, acc_norm, k = [], 0, 0
     for i, it in enumerate(items):
         scores = np.array([lls[k + j][0] for j in range(len(it["choices"]))])
         norm = scores / np.array([len(c.encode()) for c in it["choices"]])
         k += len(it["choices"])
-        acc += int(np.argmax(scores) == int(it["label"]))
+        correct.append(int(np.argmax(scores) == int(it["label"])))
         acc_norm += int(np.argmax(norm) == int(it["label"]))
     n = len(items)
-    return dict(acc=acc / n, acc_norm=acc_norm / n, chance=float(np.mean([1 / len(it["choices"]) for it in items])))
+    out = dict(acc=sum(correct) / n, acc_norm=acc_norm / n,
+               chance=float(np.mean([1 / len(it["choices"]) for it in items])))
+    if per_item:
+        out["correct"] = correct
+    return out
 
 
 def rolling_loglikelihood(model: Model, text: str, *, pll: bool = False, max_len: int = 512) -> float:

@@ -9,6 +9,7 @@ times a scale of 20, decoupled AdamW with 6% warmup then linear decay.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Mapping, Optional, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 
 from ettin_jax.evaluation import metrics
-from ettin_jax.evaluation.classification import make_optimizer
+from ettin_jax.evaluation.classification import scaled_update, schedule_value, unit_adamw
 from ettin_jax.evaluation.models import Model, check_pooling, encode, hidden_states, pad, pool, pooled
 
 
@@ -86,6 +87,17 @@ def in_batch_loss(q, d, scale: float):
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(q.shape[0])).mean()
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "mask", "pooling", "scale", "weight_decay"))
+def _contrastive_step(params, opt_state, lr, qt, qs, dt, ds, *, cfg, mask, pooling, scale, weight_decay):
+    def loss_fn(p):
+        q = pool(hidden_states(p, cfg, mask, qt, qs), qs, pooling)
+        d = pool(hidden_states(p, cfg, mask, dt, ds), ds, pooling)
+        return in_batch_loss(q.astype(jnp.float32), d.astype(jnp.float32), scale)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    params, opt_state = scaled_update(unit_adamw(weight_decay), grads, opt_state, params, lr)
+    return params, opt_state, loss
+
+
 def contrastive_fine_tune(model: Model, pairs: Sequence[dict], config: ContrastiveConfig = ContrastiveConfig(),
                           pooling: str = "mean", log=print) -> Embedder:
     """Fine-tunes on {query, positive} pairs with in-batch negatives; returns the tuned Embedder."""
@@ -97,27 +109,18 @@ def contrastive_fine_tune(model: Model, pairs: Sequence[dict], config: Contrasti
                  length=config.query_len)
     dt, ds = pad(encode(model, [p["positive"] for p in pairs], config.doc_len), model.cfg.pad_token_id,
                  length=config.doc_len)
-    tx = make_optimizer(config.lr, config.steps, config.warmup_frac, config.weight_decay)
     params = model.params
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, qt, qs, dt, ds):
-        def loss_fn(p):
-            q = pool(hidden_states(p, model.cfg, model.mask, qt, qs), qs, pooling)
-            d = pool(hidden_states(p, model.cfg, model.mask, dt, ds), ds, pooling)
-            return in_batch_loss(q.astype(jnp.float32), d.astype(jnp.float32), config.scale)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    opt_state = unit_adamw(config.weight_decay).init(params)
     rng = np.random.default_rng(config.seed)
     order = np.array([], np.int64)
     for s in range(config.steps):
         if len(order) < config.batch_size:
             order = np.concatenate([order, rng.permutation(len(pairs))])
         idx, order = order[:config.batch_size], order[config.batch_size:]
-        params, opt_state, loss = step(params, opt_state, qt[idx], qs[idx], dt[idx], ds[idx])
+        params, opt_state, loss = _contrastive_step(
+            params, opt_state, schedule_value(config.lr, config.steps, config.warmup_frac, s), qt[idx], qs[idx],
+            dt[idx], ds[idx], cfg=model.cfg, mask=model.mask, pooling=pooling, scale=config.scale,
+            weight_decay=config.weight_decay)
         if log and (s + 1) % max(1, config.steps // 4) == 0:
             log(f"  {model.name} contrastive step {s + 1}/{config.steps} loss {float(loss):.4f}")
     return Embedder(model, params, pooling)
