@@ -102,7 +102,7 @@ def _decode(params, cfg: ModelConfig, features):
     return Ettin(cfg).apply({"params": params}, features, method=Ettin.decode)
 
 
-def _logits(params, cfg: ModelConfig, hidden):
+def predict_logits(params, cfg: ModelConfig, hidden):
     """`Ettin.predict` (hidden [..., H] -> logits [..., V]): the head, then the tied decoder."""
     return Ettin(cfg).apply({"params": params}, hidden, method=Ettin.predict)
 
@@ -111,7 +111,7 @@ def _logits(params, cfg: ModelConfig, hidden):
 def _fill(params, cfg: ModelConfig, tokens, positions, top_k: int):
     model = Ettin(cfg)
     hidden = model.apply({"params": params}, tokens, mask=attention.BIDIRECTIONAL)
-    logits = _logits(params, cfg, hidden[0, positions])
+    logits = predict_logits(params, cfg, hidden[0, positions])
     return jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
 
 

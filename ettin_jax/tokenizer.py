@@ -72,6 +72,14 @@ class TextTokenizer:
         """Ids with the special tokens the tokenizer adds ([CLS] ... [SEP] for ModernBERT)."""
         return self._tok.encode(text, add_special_tokens=True).ids
 
+    def ids(self, text: str) -> list[int]:
+        """Ids of `text` alone, no special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encoding(self, text: str, add_special_tokens: bool = True):
+        """The `tokenizers.Encoding` of `text` (ids with their character offsets)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         if self._clean_up:

@@ -66,7 +66,7 @@ def test_exported_tokenizers_suit_their_architecture(zero_folders):
     reading of each folder (TextTokenizer) gives the ids transformers gives."""
     from transformers import AutoTokenizer
     text = "def main():\n    return 1"
-    plain = tokenizer_lib.TextTokenizer(TOKENIZER)._tok.encode(text, add_special_tokens=False).ids
+    plain = tokenizer_lib.TextTokenizer(TOKENIZER).ids(text)
     expected = {"encoder": [1] + plain + [2], "decoder": [1] + plain}
     folders = zero_folders
     for arch, folder in folders.items():

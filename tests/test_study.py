@@ -117,7 +117,7 @@ def test_tagging_gives_each_subword_the_tag_of_its_first_character():
     text = "def f(x):\n    return x.y(1)  # hi"
     row = dict(text=text, spans=[[a, b, study.TAGS.index(t)] for a, b, t in build_study.tag_spans(text)])
     ids, tags = tagging.align(model, row, 64)
-    enc = model.tokenizer._tok.encode(text)
+    enc = model.tokenizer.encoding(text)
     got = [(text[a:b], study.TAGS[t] if t >= 0 else None) for (a, b), t in zip(enc.offsets, tags)]
     # [CLS]/[SEP] and whitespace-only pieces are not scored; "):" is two ops; " #" starts a comment
     assert got == [("", None), ("def", "keyword"), (" f", "call"), ("(", "op"), ("x", "name"), ("):", "op"),

@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ettin_jax.evaluation.models import Model, check_arch, hidden_states, pad
-from ettin_jax.inference import _logits as predict_logits
+from ettin_jax.inference import predict_logits
 
 BUCKETS = (64, 128, 256, 512)
 
 
-def _tok(model: Model, text: str) -> list[int]:
+def text_ids(model: Model, text: str) -> list[int]:
     """Ids of `text` without special tokens."""
-    return model.tokenizer._tok.encode(text, add_special_tokens=False).ids
+    return model.tokenizer.ids(text)
 
 
 def encode_pair(model: Model, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -37,9 +37,9 @@ def encode_pair(model: Model, context: str, continuation: str) -> tuple[list[int
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = _tok(model, context + continuation)
-    ctx = _tok(model, context)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else _tok(model, continuation)
+    whole = text_ids(model, context + continuation)
+    ctx = text_ids(model, context)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else text_ids(model, continuation)
     return [model.tokenizer.cls_id] + ctx, cont
 
 
@@ -184,7 +184,7 @@ def rolling_loglikelihood(model: Model, text: str, *, pll: bool = False, max_len
     """log p(text) over all its tokens (decoder: windows of max_len, each token scored once with as much left
     context as fits; encoder with pll: PLL within each window)."""
     require_scorer(model, pll, "loglikelihood_rolling")
-    ids = _tok(model, text)
+    ids = text_ids(model, text)
     if not ids:
         return 0.0
     reqs = []

@@ -82,7 +82,7 @@ class EttinLM(LM):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = [self.model.tokenizer.cls_id] + likelihood._tok(self.model, context)
+            ids = [self.model.tokenizer.cls_id] + likelihood.text_ids(self.model, context)
             ids = ids[-max(1, self.max_length - max_new):]
             new = inference.generate(self.model.params, self.model.cfg, ids, max_new, greedy=True,
                                      eos_id=self.model.cfg.sep_token_id)

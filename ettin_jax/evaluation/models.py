@@ -74,7 +74,7 @@ def encode(model: Model, texts: Sequence[str], max_len: int) -> list[list[int]]:
     tok = model.tokenizer
     out = []
     for t in texts:
-        ids = [tok.cls_id] + tok._tok.encode(t, add_special_tokens=False).ids + [tok.sep_id]
+        ids = [tok.cls_id] + tok.ids(t) + [tok.sep_id]
         if len(ids) > max_len:
             ids = ids[:max_len - 1] + ids[-1:]
         out.append(ids)

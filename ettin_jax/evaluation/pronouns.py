@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ettin_jax.evaluation import metrics
-from ettin_jax.evaluation.likelihood import _tok, loglikelihoods
+from ettin_jax.evaluation.likelihood import loglikelihoods, text_ids
 from ettin_jax.evaluation.models import Model
 
 CLASSES = ("male", "female", "neutral")
@@ -38,9 +38,9 @@ def probe(model: Model, spec: dict) -> dict:
     items = sentences(spec)
     reqs = []
     for it in items:
-        ctx = [model.tokenizer.cls_id] + _tok(model, it["prefix"])
+        ctx = [model.tokenizer.cls_id] + text_ids(model, it["prefix"])
         for c in CLASSES:
-            reqs.append((ctx, _tok(model, " " + pronouns[c]), _tok(model, it["suffix"])))
+            reqs.append((ctx, text_ids(model, " " + pronouns[c]), text_ids(model, it["suffix"])))
     lls = np.array([ll for ll, _ in loglikelihoods(model, reqs, pll=True, task="pronouns")]).reshape(
         len(items), len(CLASSES))
     picks = [CLASSES[i] for i in lls.argmax(1)]

@@ -25,7 +25,7 @@ from ettin_jax.evaluation.models import Model, hidden_states
 
 def align(model: Model, example: dict, max_len: int) -> tuple[list[int], list[int]]:
     """(token ids with [CLS] / [SEP], a tag index per token or -1 where it is not scored), cut to max_len."""
-    enc = model.tokenizer._tok.encode(example["text"])
+    enc = model.tokenizer.encoding(example["text"])
     text = example["text"]
     starts = np.full(len(text) + 1, -1, np.int64)
     for a, b, tag in example["spans"]:
