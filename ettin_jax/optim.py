@@ -304,7 +304,7 @@ def batch_size_warmup(tokens: Any, *, start: int, end: int, warmup_tokens: float
     warmup_tokens * sum(start..start+i) / sum(start..end-1)),
     i.e. the same number of steps at every size, and `end` from `warmup_tokens` on. Only the ratio tokens /
     warmup_tokens matters, so per-device counts (as the GPU code used) and global counts give the same answer. The
-    trainer keeps the batch shape static and gives zero weight to rows at index >= the returned number.
+    trainer rounds it down to one of a few compiled sizes and trains exactly that many rows (`batch_warmup`).
     """
     _require(1 <= start <= end, f"batch_size_warmup: need 1 <= start <= end, got start={start!r}, end={end!r}")
     _require(warmup_tokens >= 0, f"batch_size_warmup: warmup_tokens must be >= 0, got {warmup_tokens!r}")
