@@ -350,8 +350,16 @@ def save_hf_folder(params, cfg: ModelConfig, arch: str, out_dir: str, tokenizer_
     except ValueError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConversionError(str(e)) from None
-    except OSError:
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None and e.errno:  # a write that failed mid-file (a full disk) names no file: name the folder
+            raise OSError(e.errno, os.strerror(e.errno), out_dir) from None
+        raise
+    except Exception as e:  # the tokenizers library reports a full disk as a bare "... (os error 28)"
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), out_dir) from None
         raise
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)

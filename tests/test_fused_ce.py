@@ -128,8 +128,9 @@ def test_an_fp32_train_step_on_one_device_uses_the_kernel_and_nothing_else_does(
 def test_training_runs_without_the_kernels(tmp_path):
     """No compiler, or ETTIN_JAX_NATIVE=0: the native CE, attention, gemm and norm are unavailable and an fp32 train
     step on one device takes the XLA paths (on any CPU, with or without AVX-512)."""
-    code = ("import jax, jax.numpy as jnp; from ettin_jax import cpu_attention, cpu_gemm, cpu_norm, fused_ce, model,"
-            " objectives, sizes; print('available', fused_ce.available() or cpu_attention.available() or "
+    code = ("import jax, jax.numpy as jnp; from ettin_jax import model, objectives, sizes; "
+            "from ettin_jax.kernels.cpu import attention as cpu_attention, gemm as cpu_gemm, norm as cpu_norm, "
+            "fused_ce; print('available', fused_ce.available() or cpu_attention.available() or "
             "cpu_gemm.available() or cpu_norm.available());"
             "cfg = sizes.model_config('17m').replace(num_layers=1, vocab_size=300, hidden_size=64, "
             "intermediate_size=96, num_heads=2);"

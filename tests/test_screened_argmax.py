@@ -115,7 +115,8 @@ def test_values_that_are_not_finite_give_minus_one(run):
 def test_a_failed_build_falls_back(tmp_path):
     """No compiler: `available()` is False with the reason logged, nothing is left in the cache, and greedy
     generation still runs (plain product); a damaged cached library likewise; ETTIN_JAX_NATIVE=0 turns it off."""
-    code = ("import jax; from ettin_jax import screened_argmax, inference, model, sizes;"
+    code = ("import jax; from ettin_jax import inference, model, sizes; "
+            "from ettin_jax.kernels.cpu import screened_argmax;"
             "print('available', screened_argmax.available());"
             "cfg = sizes.model_config('17m').replace(num_layers=2, vocab_size=512);"
             "p = model.init_params(cfg, jax.random.key(0));"
