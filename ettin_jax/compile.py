@@ -193,15 +193,13 @@ USAGE = ("--config=configs/ettin.py:size=SIZE,objective=OBJECTIVE,phase=PHASE --
 
 def main(argv, subcommand=None) -> int:
     from absl import flags
-    from ml_collections import config_flags
 
     from ettin_jax import cli
     from ettin_jax.train import REPO_ROOT, ConfigError
 
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", os.path.join(REPO_ROOT, "configs", "demo.py"),
-                                    "config file, with big_vision-style :args", lock_config=True, sys_argv=argv,
-                                    flag_values=fv)
+    cli.define_config_flag(fv, os.path.join(REPO_ROOT, "configs", "demo.py"), argv,
+                           "config file, with big_vision-style :args")
     flags.DEFINE_string("topology", None, f"TPU topology to compile for ({TOPOLOGY_EXAMPLES}); "
                         "empty: this host's devices", flag_values=fv)
     flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice: set config.mesh.dcn_data)", flag_values=fv)

@@ -22,9 +22,6 @@ from ettin_jax.errors import ConfigError
 from ettin_jax.model import ModelConfig, abstract_params
 
 
-def _abstract(tree):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
 
 def load_initial(config, models, fresh_params, tx, log, rules=sharding.DEFAULT_RULES):
     """Phase continuation: weights (+ optimizer for init_mode=full) from `init_from`, onto fresh shardings.
@@ -85,7 +82,7 @@ def _restore_opt_state(ck, step, src, source_params, fresh_params, tx, rules):
     abstract = {}
     for arch in source_params:
         if arch in fresh_params:
-            abstract[arch] = _abstract(fresh_params[arch])
+            abstract[arch] = sharding.abstract(fresh_params[arch])
         else:  # an architecture this run does not train: sharded by the rules, as its own run had it
             shapes, specs = abstract_params(source_models[arch])
             shards = sharding.fit_shardings(sharding.param_shardings(specs, mesh, rules), shapes)

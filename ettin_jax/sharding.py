@@ -201,6 +201,11 @@ def like_params(tree, params, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: what Orbax restores onto and jit lowers with."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

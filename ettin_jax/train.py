@@ -284,9 +284,6 @@ def check_memory(compiled, mesh, config, log=print):
 # ------------------------------------------------------------------------------------------------ state
 
 
-def _abstract(tree):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
 
 def abstract_state(models, config, mesh, tx, rules):
     """(params, opt_state) as ShapeDtypeStructs with the shardings `init_state` gives them; allocates nothing."""
@@ -477,8 +474,8 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print,
         if checkpoints.steps():
             # Resume: fresh state only for its shapes and shardings, then everything from the workdir.
             fresh_params, fresh_opt = init_state(models, without_init(config), mesh, tx, rules, log)
-            step, restored = checkpoints.restore_latest(log=log, params=_abstract(fresh_params),
-                                                        opt_state=_abstract(fresh_opt))
+            step, restored = checkpoints.restore_latest(log=log, params=sharding.abstract(fresh_params),
+                                                        opt_state=sharding.abstract(fresh_opt))
             if restored is None:
                 log("no readable checkpoint; starting from scratch")
             else:
@@ -486,7 +483,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print,
                 start_step, tokens_seen = step, int(restored["meta"]["tokens"])
                 rows_seen = int(restored["meta"].get("rows", step * config.global_batch_size))
                 try:
-                    checkpoints.restore(step, params=_abstract(params), data_iter=data_iter)
+                    checkpoints.restore(step, params=sharding.abstract(params), data_iter=data_iter)
                 except Exception as e:  # e.g. a different host count: replay the stream to this step instead
                     log(f"data iterator state not restored ({str(e).splitlines()[0][:160]}); "
                         f"replaying the data stream to step {step}")
@@ -510,7 +507,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print,
         def step_for(rows):
             if rows not in compiled:
                 compiled[rows] = jitted.lower(
-                    _abstract(params), _abstract(opt_state), abstract_batch(config, mesh, rows),
+                    sharding.abstract(params), sharding.abstract(opt_state), abstract_batch(config, mesh, rows),
                     jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)).compile()
                 check_memory(compiled[rows], mesh, config, log)
             return compiled[rows]
