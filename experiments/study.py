@@ -171,6 +171,8 @@ def evaluate_all(args, budget) -> dict:
             role = ROLE_OF[(run, model.arch)]
             results[role] = {}
             for name, task in study.TASKS.items():
+                if role not in study.roles_of(task):
+                    continue
                 cache = study.Cache(os.path.join(args.runs, "cache", budget.tag()), role, name)
                 start = time.time()
                 results[role][name] = study.evaluate(model, task, data[name], budget, cache,
@@ -215,6 +217,8 @@ def plot_scores(summary, path):
     fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(12, 5.5), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for i, role in enumerate(study.ROLES):
+            if name not in summary[role]:
+                continue
             s = summary[role][name]
             ax.bar(i, s["score"], color=COLORS[role], yerr=[[s["score"] - s["ci"][0]], [s["ci"][1] - s["score"]]],
                    capsize=3, label=role)
@@ -224,7 +228,8 @@ def plot_scores(summary, path):
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle("Test scores of the four models, 95% bootstrap CIs (accuracy; retrieval nDCG@10)", fontsize=10)
+    fig.suptitle("Test scores of the models each comparison needs, 95% bootstrap CIs (accuracy; retrieval nDCG@10)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -315,11 +320,14 @@ def report_lines(res: dict) -> list[str]:
         "## Scores", "",
         "| task | " + " | ".join(study.ROLES) + " |", "|---|" + "---|" * len(study.ROLES),
         *[f"| {name} | " + " | ".join(
+            "-" if name not in res['scores'][r] else
             f"{res['scores'][r][name]['score']:.3f} [{res['scores'][r][name]['ci'][0]:.3f}, "
             f"{res['scores'][r][name]['ci'][1]:.3f}]" + (f" (chose {res['scores'][r][name]['chosen']})"
                                                           if res['scores'][r][name]['chosen'] else "")
             for r in study.ROLES) + " |" for name in res["tasks"]],
-        "", "![scores](scores.png)", "",
+        "", "Each model is evaluated on the tasks of the families whose comparisons it is in (\"-\": in none, so "
+        "not evaluated): the decoder-from-encoder on generation, the encoder-from-decoder on classification and "
+        "retrieval.", "", "![scores](scores.png)", "",
         "## Protocol", "",
         f"Budgets (fixed in `ettin_jax/evaluation/study.py`, `Budget{'.smoke()' if smoke else ''}`): {res['budget']}. "
         "Classification (pair tasks): the whole model fine-tuned with a head on mean-pooled states (decoupled AdamW "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature Ettin study (issue 26) in one command: check the task files, pretrain the pair (an MLM encoder and
-# a CLM decoder on the same batches, same init, 15M tokens each; configs/study.py), continue both cross-objective
-# (3M tokens), evaluate the four models on the study's tasks (LR grid x 3 seeds chosen on dev, paired tests on the
+# a CLM decoder on the same batches, same init, 6M tokens each; configs/study.py), continue both cross-objective
+# (1.2M tokens), evaluate the models on the study's tasks (LR grid x 3 seeds chosen on dev, paired tests on the
 # same test items) and write report.md, results.json and the plots (losses.png, scores.png, gaps.png).
 #
 #   bash experiments/study.sh [RUNS=runs/study] [OUT=experiments/results/study]
@@ -11,15 +11,11 @@
 # RUNS/cache/ (one file per model and task, written after every fine-tuning run). A missing or malformed task file
 # stops it, named in one line (exit 2), before any training. Wall time per stage is added up in RUNS/timings.tsv
 # and reported.
-# Cost, in tokens through a model (forward + backward; a forward-only token counts a third): pretraining 2 x 15M,
-# cross-objective 2 x 3M, evaluation ~40M (per model ~8.3M of fine-tuning: 3 sentence tasks and tagging x 5 runs of
-# 2 epochs over 1000 examples, retrieval 6 runs of 60-150 steps; each encoder ~3M more for pseudo-log-likelihood),
-# ~76M in all. Measured on this project's 2-core machine (AMD EPYC, avx512_bf16, no AMX) at load 1-4, 2026-12-03:
-# the pair at ~3.7k tokens/s in bf16 and ~3.5k in fp32 (50 demo-shape steps each; bf16 buys little without AMX),
-# so ~68 min of pretraining and ~2h50m in all there; configs/demo.py's ~5.9k (fp32, idle) gives ~1h45m in all, the
-# issue's ~10k (bf16, AMX) about an hour. All over the issue's 60 minutes on 2 cores; it resumes, so it can run in
-# parts. At load 5-20 the pair ran at 1.1k-3.8k; a first, larger smoke run took 24.8 min (load ~15); the smoke test
-# (a run and its resumed rerun) 20.8 min (load 13-20; 10.3 min of CPU), 16.3 min at load ~8.
+# Budget, for 60 minutes on 2 CPU cores (measured idle on this project's AMD EPYC, float32, 2026-12-03): the pair
+# trains at ~6.5k tokens/s per model, so pretraining 6M tokens takes ~15 min and the cross phase ~3 min; one
+# fine-tuning run of a sentence task (600 examples x 2 epochs, then dev and test scored) ~15-20 s, a contrastive run
+# 20-40 s, an encoder's pseudo-log-likelihood pass over the three choice tasks ~2.5 min; evaluation ~30 min in all
+# (Budget in ettin_jax/evaluation/study.py; each model only on the tasks its comparisons need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=""

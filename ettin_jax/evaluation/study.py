@@ -69,19 +69,24 @@ COMPARISONS = {
 }
 
 
+def roles_of(task: Task) -> tuple:
+    """The models a task is evaluated on: those of its family's comparisons (a model in none is not fine-tuned)."""
+    return tuple(r for r in ROLES if any(r in (w, o) for w, o, _ in COMPARISONS[task.family]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """Fine-tuning budgets and grids, fixed before the test split is scored (the study's protocol)."""
 
-    lrs: tuple = (3e-4, 1e-3, 3e-3)
+    lrs: tuple = (1e-3, 3e-3)
     seeds: int = 3
     epochs: float = 2.0
     batch_size: int = 32
-    train_limit: int = 1000  # first N training examples of each fine-tuned task
-    dev_limit: int = 500
+    train_limit: int = 600  # first N training examples of each fine-tuned task
+    dev_limit: int = 300
     test_limit: Optional[int] = None
     contrastive_lrs: tuple = (3e-4, 1e-3)
-    contrastive_steps: tuple = (60, 150)
+    contrastive_steps: tuple = (40, 100)
     query_len: int = 48
     max_len: Optional[int] = None  # every task's sequence length (None: each task's own, Task.max_len)
 
