@@ -379,8 +379,12 @@ class MetricsWriter:
             self.tb.flush()
 
     def close(self):
-        if self.tb:
-            self.tb.close()
+        tb, self.tb = self.tb, None
+        if tb:
+            try:
+                tb.close()
+            except OSError:  # a full or read-only disk: the run's own error says so; metrics.jsonl is the record
+                tb.event_writer._closed = True  # else tensorboardX's atexit hook flushes again, with a traceback
 
 
 def global_batch_hash(row_hashes: list[str]) -> str:
@@ -617,8 +621,10 @@ def train(config, workdir: str, *, allow_config_change: bool = False, log=print,
                 if pending is not None and not stopped:
                     finish(pending)
         finally:  # an in-flight asynchronous save completes even when the loop raises: it holds a good step
-            checkpoints.close()
-            writer.close()
+            try:
+                checkpoints.close()  # raises a save's error (a full disk) when the save fails in the background
+            finally:
+                writer.close()
         if bar:
             bar.close()
         if stopped:

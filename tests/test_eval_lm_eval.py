@@ -79,7 +79,7 @@ def test_harness_command_line_builds_the_model_from_model_args(hf_dirs, tmp_path
     import json
     import subprocess
     import sys
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     cmd = [sys.executable, "-m", "ettin_jax.evaluation.lm_eval_adapter", "--model", "ettin", "--model_args",
            f"pretrained={hf_dirs['decoder']}", "--tasks", "ettin_austen_cloze", "--include_path",
            os.path.join(REPO, "data", "eval", "lm_eval"), "--limit", "8", "--output_path", str(tmp_path / "out")]

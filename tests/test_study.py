@@ -97,6 +97,35 @@ def test_the_study_corpus_holds_no_test_chapter(tmp_path):
     assert len(kept) + len(held) == 269  # the bundled Austen, every chapter either kept or held out
 
 
+def test_report_caveats_flag_chance_tasks_grid_edges_and_the_budget():
+    """The report's "How far this run can be read": a pair task no model lifts past 0.5 + the planned MDE, a grid
+    point every model chose at the top of its grid, pretraining under the issue's 15M floor, a loss above bigram."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import importlib
+    runner = importlib.import_module("study")
+    budget = dict(lrs=[1e-3, 3e-3], contrastive_lrs=[3e-4, 1e-3], contrastive_steps=[40, 100])
+    score = lambda s, chosen: dict(score=s, chosen=chosen)
+    res = dict(smoke=False, budget=budget, baselines=dict(unigram=7.0, bigram=4.2),
+               models=dict(encoder=dict(training_tokens=6_000_000, final_loss=3.8, tokens_per_sec=6000.0),
+                           decoder=dict(training_tokens=6_000_000, final_loss=4.4, tokens_per_sec=6000.0)),
+               tasks={"shuffle": dict(family="classification", mde_planned=0.05),
+                      "paraphrase": dict(family="classification", mde_planned=0.05),
+                      "retrieval": dict(family="retrieval", mde_planned=0.05)},
+               scores=dict(encoder={"shuffle": score(0.549, "lr=0.001"), "paraphrase": score(0.551, "lr=0.003"),
+                                    "retrieval": score(0.2, "lr=0.001,steps=100")},
+                           decoder={"shuffle": score(0.52, "lr=0.003"), "paraphrase": score(0.5, "lr=0.003"),
+                                    "retrieval": score(0.2, "lr=0.001,steps=40")}))
+    lines = runner.caveats(res)
+    text = "\n".join(lines)
+    assert "shuffle is at chance" in text and "paraphrase is at chance" not in text  # 0.549 < 0.55 <= 0.551
+    assert "paraphrase: every model chose the grid's largest point" in text  # both lr=0.003
+    assert "retrieval: every model chose" not in text and "shuffle: every model chose" not in text
+    assert "6.0M tokens, under the issue's floor of 15M" in text and "~42 of the 60 minutes" in text
+    assert "decoder: final training loss 4.400, **above**" in text and "encoder: final training loss 3.800, below" in text
+    res["models"]["encoder"]["training_tokens"] = res["models"]["decoder"]["training_tokens"] = 15_000_000
+    assert "floor" not in "\n".join(runner.caveats(res))
+
+
 # ------------------------------------------------------------------------------------------------ builders
 
 
