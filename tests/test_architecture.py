@@ -33,6 +33,7 @@ def test_add_a_size(monkeypatch):
     assert model.count_params(shapes) == expected
 
 
+@pytest.mark.slow
 def test_add_an_objective(monkeypatch):
     """An objective is one `Objective` entry: here masked tokens predicted from two positions back. `loss_fn` then
     trains it; its loss equals the cross-entropy written out from `Ettin.predict`."""

@@ -247,6 +247,7 @@ def test_initialisation_works_with_every_attention_implementation(impl):
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(got)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_with_dropout_initialises_and_equals_no_remat(remat):
     """Rematerialised blocks take `band` and `deterministic` as static arguments (flax counts the module as argument

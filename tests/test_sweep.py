@@ -125,6 +125,7 @@ def test_bad_common_override(config_file, tmp_path):
         sweep.plan(config_file, "two", str(tmp_path / "root"), ["--config.total_stepz=3"])
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(config_file, tmp_path):
     r = _ettin("sweep", f"--config={config_file}", "--sweep=typo", f"--workdir_root={tmp_path / 'r'}")
     assert r.returncode == 2 and "unknown config field 'config.optimizer.peak_lrr'" in r.stderr, r.stderr

@@ -430,6 +430,7 @@ def test_an_imported_model_trains_only_with_its_own_tokenizer(tmp_path):
     assert np.isfinite(out["encoder/loss"]) and max(losses(tmp_path / "right")) == 2
 
 
+@pytest.mark.slow
 def test_a_step_larger_than_the_device_memory_is_refused_before_the_first_batch(tmp_path, capsys, monkeypatch):
     """The trainer compiles its step first and compares the compiler's peak per device with the device's memory:
     here a device said to hold 1 MiB refuses the demo-sized step in one line naming the figures and the knobs, exit
