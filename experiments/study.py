@@ -326,6 +326,7 @@ def report_lines(res: dict) -> list[str]:
                 f"| {c['p']:.4f} | - |" for c in res["comparisons"]]
     cmp_rows = [r + f" **{c['verdict']}** |" for r, c in zip(cmp_rows, res["comparisons"])]
     counts = collections.Counter(c["verdict"] for c in res["comparisons"])
+    notes = caveats(res)
     t = res["wall_seconds"]
     smoke = res["smoke"]
     lines = [
@@ -346,7 +347,7 @@ def report_lines(res: dict) -> list[str]:
         "| task | comparison | n | metric | paper's winner | other | effect | 95% CI | p (bootstrap) | p (McNemar) "
         "| verdict |", "|---|---|---|---|---|---|---|---|---|---|---|", *cmp_rows, "",
         "![gaps](gaps.png)", "",
-        *(["## How far this run can be read", "", *caveats(res), ""] if caveats(res) else []),
+        *(["## How far this run can be read", "", *notes, ""] if notes else []),
         "## Models", "",
         "| model | objective | training tokens | final training loss | tokens/s (median, the pair) |",
         "|---|---|---|---|---|",
